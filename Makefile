@@ -1,0 +1,58 @@
+# ngx_http_credits_module: build, test and demo.
+#
+#   make            build the module (build/nginx/objs/ngx_http_credits_module.so)
+#   make test       install what is missing, build, run the whole t/ suite
+#   make demo       start a demo platform on 127.0.0.1 (make demo-stop ends it)
+
+NGINX_SRC  ?= /usr/share/nginx/src
+NGINX_BIN  ?= /usr/sbin/nginx
+BUILD      := build
+NGX_BUILD  := $(BUILD)/nginx
+MODULE_SO  := $(NGX_BUILD)/objs/ngx_http_credits_module.so
+
+# The distribution's own hardening flags, plus our warning policy.  nginx
+# adds -W -Wall -Werror itself; -Wno-unused-parameter is nginx's own rule
+# (handlers share signatures and rarely use every argument).
+CC_OPT     := -g -O2 -fstack-protector-strong -Wformat -Werror=format-security \
+              -fPIC -D_FORTIFY_SOURCE=2 -Wall -Wextra -Wno-unused-parameter \
+              -Werror $(EXTRA_CC_OPT)
+LD_OPT     := -Wl,-z,relro -Wl,-z,now -fPIC $(EXTRA_LD_OPT)
+
+PROVE_ARGS ?= -r t/
+
+.PHONY: all deps module test demo demo-stop clean
+
+all: module
+
+deps:
+	@tools/install-deps
+
+# nginx-dev ships headers and configure, not sources: configure runs in a
+# directory of ours whose auto/, src/ and configure point into it, so the
+# build never writes into system paths.
+$(NGX_BUILD)/objs/Makefile: config config.make Makefile | deps
+	@echo "configuring the module build against $(NGINX_SRC)"
+	@rm -rf $(NGX_BUILD)
+	@mkdir -p $(NGX_BUILD)
+	@ln -s $(NGINX_SRC)/auto $(NGINX_SRC)/src $(NGINX_SRC)/configure $(NGX_BUILD)/
+	@cd $(NGX_BUILD) && bash -c '. $(NGINX_SRC)/conf_flags && \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" --with-compat \
+	    --with-cc-opt="$(CC_OPT)" --with-ld-opt="$(LD_OPT)" \
+	    --add-dynamic-module=$(CURDIR)' > configure.log 2>&1 \
+	    || { tail -20 $(NGX_BUILD)/configure.log; exit 1; }
+
+module: $(NGX_BUILD)/objs/Makefile
+	@$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile modules
+
+test: module
+	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
+	    prove $(PROVE_ARGS)
+
+demo: module
+	@tools/demo start
+
+demo-stop:
+	@tools/demo stop
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,35 @@
+-- Shared head of the hold and settle scripts (tools/lua2c prepends it).
+--
+-- KEYS: balance, holds, ledger of one project; all share the {P} hash tag.
+-- A hold is a member "<hold_id>:<held>:<route>" of the holds sorted set,
+-- scored by the time (ms, Redis's clock) at which it expires.  Every
+-- script first refunds the project's holds whose time is up, each with an
+-- 'expire' ledger entry, so a hold is refunded once: after that a late
+-- settle finds no member and changes nothing.
+
+local balance_key, holds_key, ledger_key = KEYS[1], KEYS[2], KEYS[3]
+
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+
+local function parse_hold(member)
+    local id, held, route = string.match(member, '^([^:]+):(%d+):(.*)$')
+    return id, tonumber(held), route
+end
+
+local stale = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
+
+if #stale > 0 then
+    local refund = 0
+    for _, member in ipairs(stale) do
+        local id, held, route = parse_hold(member)
+        if held then
+            refund = refund + held
+            redis.call('XADD', ledger_key, '*', 'route', route,
+                       'held', held, 'charged', 0, 'status', 0,
+                       'outcome', 'expire', 'request_id', id, 'ts', now)
+        end
+    end
+    redis.call('INCRBY', balance_key, refund)
+    redis.call('ZREMRANGEBYSCORE', holds_key, '-inf', now)
+end

@@ -1,0 +1,523 @@
+
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ *
+ * Hold and settle: the calls of the Redis scripts and what their replies
+ * mean.  The money logic itself is atomic inside the scripts (lua/).
+ *
+ * A request waiting for its hold is parked in the access phase; the reply
+ * (or the hold timeout) posts ctx->wait, whose handler runs the phases
+ * again.  A request that is gone before the reply leaves a command whose
+ * data is NULL: if that hold was placed after all, it is released at once.
+ * The settle is sent from the request pool's cleanup, exactly once, with
+ * copies of everything it needs: its reply finds no request.
+ */
+
+
+#include "ngx_http_credits_module.h"
+#include "ngx_http_credits_lua.h"
+
+#include <openssl/evp.h>
+
+
+#define NGX_HTTP_CREDITS_KEY_BALANCE  0
+#define NGX_HTTP_CREDITS_KEY_HOLDS    1
+#define NGX_HTTP_CREDITS_KEY_LEDGER   2
+
+
+static ngx_int_t ngx_http_credits_hold_args(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx);
+static void ngx_http_credits_hold_handler(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply);
+static void ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx,
+    ngx_log_t *log, const char *what, ngx_str_t *err);
+static void ngx_http_credits_release_orphan(ngx_http_credits_redis_cmd_t *cmd);
+static void ngx_http_credits_wait_handler(ngx_event_t *ev);
+static ngx_int_t ngx_http_credits_send_settle(ngx_str_t *keys,
+    ngx_str_t *member, ngx_int_t charged, ngx_uint_t status,
+    const char *outcome);
+static void ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply);
+static ngx_int_t ngx_http_credits_script_init(ngx_http_credits_script_t *s);
+
+
+static ngx_http_credits_script_t  ngx_http_credits_hold_script = {
+    ngx_string("hold"),
+    { sizeof(ngx_http_credits_hold_lua) - 1,
+      (u_char *) ngx_http_credits_hold_lua },
+    ""
+};
+
+static ngx_http_credits_script_t  ngx_http_credits_settle_script = {
+    ngx_string("settle"),
+    { sizeof(ngx_http_credits_settle_lua) - 1,
+      (u_char *) ngx_http_credits_settle_lua },
+    ""
+};
+
+ngx_http_credits_script_t  *ngx_http_credits_scripts[] = {
+    &ngx_http_credits_hold_script,
+    &ngx_http_credits_settle_script,
+    NULL
+};
+
+
+static ngx_str_t  ngx_http_credits_key_suffix[] = {
+    ngx_string("}:balance"),
+    ngx_string("}:holds"),
+    ngx_string("}:ledger")
+};
+
+
+ngx_int_t
+ngx_http_credits_hold_init(ngx_cycle_t *cycle)
+{
+    ngx_http_credits_script_t  **s;
+
+    for (s = ngx_http_credits_scripts; *s; s++) {
+        if (ngx_http_credits_script_init(*s) != NGX_OK) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                          "credits: cannot hash the %V script", &(*s)->name);
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* EVALSHA needs the script's SHA1, known without asking Redis */
+
+static ngx_int_t
+ngx_http_credits_script_init(ngx_http_credits_script_t *s)
+{
+    u_char        md[EVP_MAX_MD_SIZE];
+    unsigned int  n;
+
+    if (EVP_Digest(s->body.data, s->body.len, md, &n, EVP_sha1(), NULL) != 1) {
+        return NGX_ERROR;
+    }
+
+    ngx_hex_dump(s->sha1, md, n);
+    s->sha1[40] = '\0';
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
+    ngx_http_credits_loc_conf_t *lcf)
+{
+    u_char                        ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
+    ngx_int_t                     rc;
+    const char                   *argv[7];
+    size_t                        argvlen[7];
+    ngx_http_credits_main_conf_t *cmcf;
+
+    if (ngx_http_credits_hold_args(r, ctx) != NGX_OK) {
+        ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_OK;
+    }
+
+    /* numkeys, balance, holds, ledger; member, price, ttl */
+
+    argv[0] = "3";
+    argvlen[0] = 1;
+    argv[1] = (const char *) ctx->keys[0].data;
+    argvlen[1] = ctx->keys[0].len;
+    argv[2] = (const char *) ctx->keys[1].data;
+    argvlen[2] = ctx->keys[1].len;
+    argv[3] = (const char *) ctx->keys[2].data;
+    argvlen[3] = ctx->keys[2].len;
+    argv[4] = (const char *) ctx->member.data;
+    argvlen[4] = ctx->member.len;
+    argv[5] = (const char *) price;
+    argvlen[5] = ngx_sprintf(price, "%i", ctx->price) - price;
+    argv[6] = (const char *) ttl;
+    argvlen[6] = ngx_sprintf(ttl, "%M", lcf->hold_ttl) - ttl;
+
+    rc = ngx_http_credits_redis_command(&ngx_http_credits_hold_script, 7,
+                                        argv, argvlen,
+                                        ngx_http_credits_hold_handler,
+                                        ctx, &ctx->cmd);
+
+    if (rc != NGX_OK) {
+        ngx_http_credits_hold_failed(ctx, r->connection->log,
+                                     "redis not connected", NULL);
+        return NGX_OK;
+    }
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_http_credits_module);
+
+    ctx->waiting = 1;
+    ctx->wait.handler = ngx_http_credits_wait_handler;
+    ctx->wait.data = ctx;
+    ctx->wait.log = r->connection->log;
+
+    ngx_add_timer(&ctx->wait, cmcf->redis.timeout);
+
+    return NGX_AGAIN;
+}
+
+
+/* keys "credits:{P}:balance" etc., and the member "<id>:<price>:<route>" */
+
+static ngx_int_t
+ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
+{
+    u_char                        *p;
+    size_t                         len;
+    ngx_uint_t                     i;
+    ngx_http_variable_value_t     *id;
+    ngx_http_credits_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_http_credits_module);
+
+    id = ngx_http_get_indexed_variable(r, cmcf->request_id_index);
+    if (id == NULL || id->not_found || id->len == 0) {
+        return NGX_ERROR;
+    }
+
+    ctx->hold_id.data = id->data;
+    ctx->hold_id.len = id->len;
+
+    len = 0;
+
+    for (i = 0; i < 3; i++) {
+        len += cmcf->prefix.len + 1 + ctx->project.len
+               + ngx_http_credits_key_suffix[i].len;
+    }
+
+    len += id->len + 1 + NGX_INT_T_LEN + 1 + ctx->route.len;
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < 3; i++) {
+        ctx->keys[i].data = p;
+        p = ngx_cpymem(p, cmcf->prefix.data, cmcf->prefix.len);
+        *p++ = '{';
+        p = ngx_cpymem(p, ctx->project.data, ctx->project.len);
+        p = ngx_cpymem(p, ngx_http_credits_key_suffix[i].data,
+                       ngx_http_credits_key_suffix[i].len);
+        ctx->keys[i].len = p - ctx->keys[i].data;
+    }
+
+    ctx->member.data = p;
+    p = ngx_sprintf(p, "%V:%i:%V", &ctx->hold_id, ctx->price, &ctx->route);
+    ctx->member.len = p - ctx->member.data;
+
+    return NGX_OK;
+}
+
+
+/* {1, balance}: placed; {0, balance}: too low; anything else is an error */
+
+ngx_int_t
+ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance)
+{
+    if (reply == NULL
+        || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != 2
+        || reply->element[0]->type != REDIS_REPLY_INTEGER
+        || reply->element[1]->type != REDIS_REPLY_INTEGER
+        || reply->element[1]->integer < 0
+        || (reply->element[0]->integer != 0
+            && reply->element[0]->integer != 1))
+    {
+        return NGX_ERROR;
+    }
+
+    *balance = (ngx_int_t) reply->element[1]->integer;
+
+    return reply->element[0]->integer ? NGX_OK : NGX_DECLINED;
+}
+
+
+static void
+ngx_http_credits_hold_handler(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_int_t                rc, balance;
+    ngx_str_t                err;
+    ngx_http_credits_ctx_t  *ctx = cmd->data;
+
+    rc = ngx_http_credits_hold_reply(reply, &balance);
+
+    if (ctx == NULL) {
+        /* the request timed out or is gone: undo a hold that was placed */
+        if (rc == NGX_OK) {
+            ngx_http_credits_release_orphan(cmd);
+        }
+
+        return;
+    }
+
+    ctx->cmd = NULL;
+    ctx->waiting = 0;
+
+    ngx_http_credits_count_latency(ngx_current_msec - cmd->start);
+
+    switch (rc) {
+
+    case NGX_OK:
+        ctx->held = 1;
+        ctx->balance = balance;
+        ctx->rc = NGX_DECLINED;
+        ngx_http_credits_count_credits(ctx->price, 0, 0);
+        break;
+
+    case NGX_DECLINED:
+        ctx->balance = balance;
+        ctx->outcome = NGX_HTTP_CREDITS_INSUFFICIENT;
+        ctx->rc = NGX_HTTP_CREDITS_INSUFFICIENT;
+        ngx_http_credits_count_outcome(ctx->outcome);
+        break;
+
+    default:
+        ngx_http_credits_reply_error(reply, &err);
+        ngx_http_credits_hold_failed(ctx, ctx->wait.log, "hold failed", &err);
+    }
+
+    if (ctx->wait.timer_set) {
+        ngx_del_timer(&ctx->wait);
+    }
+
+    ngx_post_event(&ctx->wait, &ngx_posted_events);
+}
+
+
+static void
+ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx, ngx_log_t *log,
+    const char *what, ngx_str_t *err)
+{
+    ngx_http_credits_loc_conf_t  *lcf;
+
+    lcf = ngx_http_get_module_loc_conf(ctx->request, ngx_http_credits_module);
+
+    ngx_log_error(NGX_LOG_ERR, log, 0,
+                  "credits: project \"%V\" route \"%V\": %s%s%V, %s",
+                  &ctx->project, &ctx->route, what, err ? ": " : "",
+                  err ? err : &ctx->route,
+                  lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN
+                  ? "forwarding uncharged (credits_fail open)"
+                  : "answering 503");
+
+    if (lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN) {
+        ctx->outcome = NGX_HTTP_CREDITS_FAIL_OPEN;
+        ctx->rc = NGX_DECLINED;
+
+    } else {
+        ctx->outcome = NGX_HTTP_CREDITS_REDIS_UNAVAILABLE;
+        ctx->rc = NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    ngx_http_credits_count_outcome(ctx->outcome);
+}
+
+
+static void
+ngx_http_credits_wait_handler(ngx_event_t *ev)
+{
+    ngx_connection_t        *c;
+    ngx_http_request_t      *r;
+    ngx_http_credits_ctx_t  *ctx = ev->data;
+
+    r = ctx->request;
+    c = r->connection;
+
+    if (ctx->waiting) {
+        /* no reply in time: the command's reply, if any, finds no one */
+        ctx->cmd->data = NULL;
+        ctx->cmd = NULL;
+        ctx->waiting = 0;
+
+        ngx_http_credits_hold_failed(ctx, c->log, "hold timed out", NULL);
+    }
+
+    ngx_http_set_log_request(c->log, r);
+
+    r->write_event_handler(r);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/* the command still carries the hold's keys and member: release it */
+
+static void
+ngx_http_credits_release_orphan(ngx_http_credits_redis_cmd_t *cmd)
+{
+    ngx_int_t  i;
+    ngx_str_t  keys[3], member;
+
+    /* EVALSHA sha 3 key key key member price ttl */
+    for (i = 0; i < 3; i++) {
+        keys[i].data = (u_char *) cmd->argv[3 + i];
+        keys[i].len = cmd->argvlen[3 + i];
+    }
+
+    member.data = (u_char *) cmd->argv[6];
+    member.len = cmd->argvlen[6];
+
+    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                  "credits: hold \"%V\" was placed after its request gave up "
+                  "waiting: releasing it", &member);
+
+    if (ngx_http_credits_send_settle(keys, &member, 0, 0, "release")
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "credits: cannot release hold \"%V\": it will expire",
+                      &member);
+    }
+}
+
+
+/*
+ * Commit when the final status is below 400; release on 400 and above,
+ * on upstream errors (nginx answers 502/504) and when no response header
+ * was sent (the client went away first).  Idempotent: the variables call
+ * it at log time, the cleanup before it settles.
+ */
+
+void
+ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
+{
+    if (!ctx->held || ctx->decided) {
+        return;
+    }
+
+    ctx->decided = 1;
+
+    if (ctx->header_seen && ctx->status < 400) {
+        ctx->outcome = NGX_HTTP_CREDITS_COMMITTED;
+
+        if (!ctx->cost_read) {
+            ctx->charged = ctx->price;
+        }
+
+    } else {
+        ctx->outcome = NGX_HTTP_CREDITS_RELEASED;
+        ctx->charged = 0;
+    }
+}
+
+
+void
+ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx)
+{
+    ngx_uint_t  status;
+    const char *outcome;
+
+    ngx_http_credits_decide(ctx);
+
+    ctx->settled = 1;
+
+    outcome = (ctx->outcome == NGX_HTTP_CREDITS_COMMITTED) ? "commit"
+                                                           : "release";
+
+    status = ctx->header_seen ? ctx->status : 499;
+
+    if (ngx_http_credits_send_settle(ctx->keys, &ctx->member, ctx->charged,
+                                     status, outcome)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "credits: project \"%V\" route \"%V\": cannot %s hold "
+                      "\"%V\" (redis not connected): it will expire and be "
+                      "refunded", &ctx->project, &ctx->route, outcome,
+                      &ctx->hold_id);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_credits_send_settle(ngx_str_t *keys, ngx_str_t *member,
+    ngx_int_t charged, ngx_uint_t status, const char *outcome)
+{
+    u_char       ch[NGX_INT_T_LEN], st[NGX_INT_T_LEN];
+    ngx_int_t    i;
+    const char  *argv[8];
+    size_t       argvlen[8];
+
+    argv[0] = "3";
+    argvlen[0] = 1;
+
+    for (i = 0; i < 3; i++) {
+        argv[1 + i] = (const char *) keys[i].data;
+        argvlen[1 + i] = keys[i].len;
+    }
+
+    argv[4] = (const char *) member->data;
+    argvlen[4] = member->len;
+    argv[5] = (const char *) ch;
+    argvlen[5] = ngx_sprintf(ch, "%i", charged) - ch;
+    argv[6] = (const char *) st;
+    argvlen[6] = ngx_sprintf(st, "%ui", status) - st;
+    argv[7] = outcome;
+    argvlen[7] = ngx_strlen(outcome);
+
+    return ngx_http_credits_redis_command(&ngx_http_credits_settle_script, 8,
+                                          argv, argvlen,
+                                          ngx_http_credits_settle_handler,
+                                          NULL, NULL);
+}
+
+
+static void
+ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_str_t   member, err;
+    ngx_int_t   held, charged, commit;
+    ngx_uint_t  level;
+    u_char     *p, *last;
+
+    /* EVALSHA sha 3 key key key member charged status outcome */
+    member.data = (u_char *) cmd->argv[6];
+    member.len = cmd->argvlen[6];
+
+    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+        ngx_http_credits_reply_error(reply, &err);
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "credits: settle of hold \"%V\" failed: %V: it will "
+                      "expire and be refunded", &member, &err);
+        return;
+    }
+
+    commit = (cmd->argv[9][0] == 'c');
+
+    if (reply->integer == 0) {
+        level = commit ? NGX_LOG_WARN : NGX_LOG_INFO;
+
+        ngx_log_error(level, ngx_cycle->log, 0,
+                      "credits: hold \"%V\" had expired before its %s: "
+                      "nothing charged", &member, cmd->argv[9]);
+        ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_EXPIRED);
+        return;
+    }
+
+    /* the member is "<id>:<held>:<route>" */
+    last = member.data + member.len;
+    p = ngx_strlchr(member.data, last, ':');
+    held = 0;
+
+    if (p) {
+        last = ngx_strlchr(p + 1, last, ':');
+        held = last ? ngx_atoi(p + 1, last - p - 1) : 0;
+    }
+
+    charged = ngx_atoi((u_char *) cmd->argv[7], cmd->argvlen[7]);
+
+    if (held < 0 || charged < 0 || charged > held) {
+        return;
+    }
+
+    ngx_http_credits_count_outcome(commit ? NGX_HTTP_CREDITS_COMMITTED
+                                          : NGX_HTTP_CREDITS_RELEASED);
+    ngx_http_credits_count_credits(0, charged, held - charged);
+}

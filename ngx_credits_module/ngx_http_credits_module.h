@@ -1,0 +1,202 @@
+
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ */
+
+
+#ifndef _NGX_HTTP_CREDITS_MODULE_H_INCLUDED_
+#define _NGX_HTTP_CREDITS_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <hiredis/hiredis.h>
+
+
+#define NGX_HTTP_CREDITS_TOKEN_MAX       8192
+#define NGX_HTTP_CREDITS_PROJECT_MAX     128
+
+
+/* what became of a metered request: $credits_outcome and the counters */
+typedef enum {
+    NGX_HTTP_CREDITS_NONE = 0,
+    NGX_HTTP_CREDITS_COMMITTED,
+    NGX_HTTP_CREDITS_RELEASED,
+    NGX_HTTP_CREDITS_EXPIRED,
+    NGX_HTTP_CREDITS_UNAUTHORIZED,
+    NGX_HTTP_CREDITS_INSUFFICIENT,
+    NGX_HTTP_CREDITS_REDIS_UNAVAILABLE,
+    NGX_HTTP_CREDITS_FAIL_OPEN,
+    NGX_HTTP_CREDITS_FREE,
+    NGX_HTTP_CREDITS_OUTCOMES
+} ngx_http_credits_outcome_e;
+
+
+typedef struct {
+    ngx_str_t                   key;          /* HMAC secret or PEM bytes */
+    ngx_uint_t                  key_type;     /* EVP_PKEY_* or 0 for HMAC */
+    ngx_uint_t                  key_bits;
+    ngx_uint_t                  algorithms;   /* bit per jwt_alg_t */
+    ngx_str_t                   issuer;
+    ngx_str_t                   audience;
+    ngx_str_t                   project_claim;
+    ngx_http_complex_value_t   *token;        /* NULL: Authorization */
+    time_t                      leeway;
+    ngx_uint_t                  cache_size;
+} ngx_http_credits_jwt_conf_t;
+
+
+typedef struct {
+    ngx_str_t                   host;         /* numeric, or unix path */
+    in_port_t                   port;
+    ngx_uint_t                  unix_socket;  /* unsigned:1 */
+    ngx_str_t                   password;
+    ngx_int_t                   db;
+    ngx_msec_t                  timeout;
+    ngx_str_t                   name;         /* as configured, for logs */
+} ngx_http_credits_redis_conf_t;
+
+
+typedef struct {
+    ngx_http_credits_redis_conf_t   redis;
+    ngx_str_t                       prefix;
+    ngx_str_t                       prices_key;
+    ngx_shm_zone_t                 *shm_zone;
+    ngx_int_t                       request_id_index;
+    ngx_uint_t                      enabled;   /* some location has credits on */
+} ngx_http_credits_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                      enable;
+    ngx_http_complex_value_t       *price;
+    ngx_str_t                       route;
+    ngx_uint_t                      route_hash;
+    ngx_str_t                       cost_header;
+    ngx_msec_t                      hold_ttl;
+    ngx_uint_t                      fail;
+    ngx_http_credits_jwt_conf_t     jwt;
+} ngx_http_credits_loc_conf_t;
+
+
+#define NGX_HTTP_CREDITS_FAIL_CLOSED  1
+#define NGX_HTTP_CREDITS_FAIL_OPEN    2
+
+
+typedef struct ngx_http_credits_redis_cmd_s  ngx_http_credits_redis_cmd_t;
+
+typedef void (*ngx_http_credits_redis_handler_pt)(
+    ngx_http_credits_redis_cmd_t *cmd, redisReply *reply);
+
+
+typedef struct {
+    ngx_str_t                   name;
+    ngx_str_t                   body;
+    u_char                      sha1[41];
+} ngx_http_credits_script_t;
+
+
+/* one command in flight; the handler runs exactly once, NULL reply on loss */
+struct ngx_http_credits_redis_cmd_s {
+    ngx_http_credits_redis_handler_pt   handler;
+    void                               *data;    /* NULL: caller is gone */
+    ngx_http_credits_script_t          *script;
+    ngx_msec_t                          start;
+    ngx_uint_t                          retried;
+    int                                 argc;
+    const char                        **argv;
+    size_t                             *argvlen;
+};
+
+
+/* one per metered main request, kept in a pool cleanup so that it survives
+ * internal redirects (which zero r->ctx) */
+typedef struct {
+    ngx_http_request_t             *request;
+    ngx_http_credits_redis_cmd_t   *cmd;          /* hold in flight */
+    ngx_event_t                     wait;         /* hold timeout and resume */
+
+    ngx_str_t                       project;
+    ngx_str_t                       route;
+    ngx_str_t                       hold_id;
+    ngx_str_t                       member;       /* holds zset member */
+    ngx_str_t                       keys[3];      /* balance, holds, ledger */
+
+    ngx_int_t                       price;
+    ngx_int_t                       balance;
+    ngx_int_t                       charged;
+    ngx_uint_t                      status;
+    ngx_http_credits_outcome_e      outcome;
+    ngx_int_t                       rc;           /* to return on resume */
+
+    unsigned                        waiting:1;
+    unsigned                        done:1;       /* gate passed or failed */
+    unsigned                        held:1;
+    unsigned                        header_seen:1;
+    unsigned                        cost_read:1;
+    unsigned                        decided:1;
+    unsigned                        settled:1;
+} ngx_http_credits_ctx_t;
+
+
+extern ngx_module_t  ngx_http_credits_module;
+
+
+/* module */
+ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
+
+/* jwt */
+char *ngx_http_credits_jwt_load_key(ngx_conf_t *cf,
+    ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *file);
+char *ngx_http_credits_jwt_parse_algorithms(ngx_conf_t *cf,
+    ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *names, ngx_uint_t n);
+char *ngx_http_credits_jwt_check_conf(ngx_conf_t *cf,
+    ngx_http_credits_jwt_conf_t *jcf);
+ngx_int_t ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
+    ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
+    const char **reason);
+
+/* redis adapter */
+ngx_int_t ngx_http_credits_redis_init(ngx_cycle_t *cycle,
+    ngx_http_credits_redis_conf_t *conf);
+void ngx_http_credits_redis_exit(void);
+ngx_int_t ngx_http_credits_redis_command(ngx_http_credits_script_t *script,
+    int argc, const char **argv, const size_t *argvlen,
+    ngx_http_credits_redis_handler_pt handler, void *data,
+    ngx_http_credits_redis_cmd_t **cmdp);
+ngx_uint_t ngx_http_credits_redis_state(void);
+ngx_uint_t ngx_http_credits_redis_reconnects(void);
+const char *ngx_http_credits_reply_error(redisReply *reply, ngx_str_t *err);
+
+/* hold and settle */
+extern ngx_http_credits_script_t  *ngx_http_credits_scripts[];
+ngx_int_t ngx_http_credits_hold_init(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_credits_hold(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *clcf);
+void ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx);
+void ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx);
+ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
+
+/* runtime prices */
+ngx_int_t ngx_http_credits_prices_init(ngx_cycle_t *cycle,
+    ngx_http_credits_main_conf_t *cmcf);
+ngx_int_t ngx_http_credits_price_override(ngx_str_t *route, ngx_uint_t hash);
+
+/* response filter */
+ngx_int_t ngx_http_credits_filter_init(ngx_conf_t *cf);
+
+/* status */
+ngx_int_t ngx_http_credits_status_init_zone(ngx_conf_t *cf,
+    ngx_http_credits_main_conf_t *cmcf);
+void ngx_http_credits_count_outcome(ngx_http_credits_outcome_e outcome);
+void ngx_http_credits_count_credits(ngx_int_t held, ngx_int_t charged,
+    ngx_int_t refunded);
+void ngx_http_credits_count_latency(ngx_msec_t ms);
+void ngx_http_credits_count_redis(ngx_uint_t up, ngx_uint_t reconnects);
+char *ngx_http_credits_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+extern ngx_str_t  ngx_http_credits_outcome_names[];
+
+
+#endif /* _NGX_HTTP_CREDITS_MODULE_H_INCLUDED_ */
