@@ -294,26 +294,23 @@ static void
 ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx, ngx_log_t *log,
     const char *what, ngx_str_t *err)
 {
+    ngx_uint_t                    open;
+    ngx_str_t                     none = ngx_null_string;
     ngx_http_credits_loc_conf_t  *lcf;
 
     lcf = ngx_http_get_module_loc_conf(ctx->request, ngx_http_credits_module);
+    open = (lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN);
 
     ngx_log_error(NGX_LOG_ERR, log, 0,
                   "credits: project \"%V\" route \"%V\": %s%s%V, %s",
                   &ctx->project, &ctx->route, what, err ? ": " : "",
-                  err ? err : &ctx->route,
-                  lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN
-                  ? "forwarding uncharged (credits_fail open)"
-                  : "answering 503");
+                  err ? err : &none,
+                  open ? "forwarding uncharged (credits_fail open)"
+                       : "answering 503");
 
-    if (lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN) {
-        ctx->outcome = NGX_HTTP_CREDITS_FAIL_OPEN;
-        ctx->rc = NGX_DECLINED;
-
-    } else {
-        ctx->outcome = NGX_HTTP_CREDITS_REDIS_UNAVAILABLE;
-        ctx->rc = NGX_HTTP_SERVICE_UNAVAILABLE;
-    }
+    ctx->outcome = open ? NGX_HTTP_CREDITS_FAIL_OPEN
+                        : NGX_HTTP_CREDITS_REDIS_UNAVAILABLE;
+    ctx->rc = open ? NGX_DECLINED : NGX_HTTP_SERVICE_UNAVAILABLE;
 
     ngx_http_credits_count_outcome(ctx->outcome);
 }

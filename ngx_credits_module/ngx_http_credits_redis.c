@@ -600,7 +600,7 @@ ngx_http_credits_redis_cleanup(void *data)
     ngx_free_connection(c);
     c->fd = (ngx_socket_t) -1;
 
-    if (rd->ac && rd->ac->err) {
+    if (rd->state == NGX_HTTP_CREDITS_REDIS_UP && rd->ac && rd->ac->err) {
         ngx_log_error(NGX_LOG_ERR, rd->log, 0,
                       "credits: redis %V: connection lost: %s",
                       &rd->conf->name, rd->ac->errstr);
