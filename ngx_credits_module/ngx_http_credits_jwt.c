@@ -48,7 +48,7 @@ static ngx_int_t ngx_http_credits_jwt_signature(
     ngx_http_credits_alg_t *alg, ngx_pool_t *pool);
 static ngx_int_t ngx_http_credits_jwt_claims(ngx_http_credits_jwt_conf_t *jcf,
     json_t *claims, time_t now, ngx_pool_t *pool, ngx_str_t *project,
-    const char **reason);
+    double *exp, const char **reason);
 static ngx_int_t ngx_http_credits_jwt_audience(json_t *aud, ngx_str_t *want);
 static ngx_int_t ngx_http_credits_jwt_project(json_t *claim, ngx_pool_t *pool,
     ngx_str_t *project);
@@ -223,10 +223,47 @@ ngx_http_credits_jwt_check_conf(ngx_conf_t *cf, ngx_http_credits_jwt_conf_t *jcf
 }
 
 
+/* a token seen before and still before its "exp" skips the verification */
+
+ngx_int_t
+ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token,
+    time_t now, ngx_pool_t *pool, ngx_str_t *project, const char **reason)
+{
+    u_char     digest[NGX_HTTP_CREDITS_DIGEST_LEN];
+    double     exp;
+    ngx_int_t  rc;
+
+    if (jcf->cache_size == 0
+        || token->len == 0 || token->len > NGX_HTTP_CREDITS_TOKEN_MAX)
+    {
+        return ngx_http_credits_jwt_verify(jcf, token, now, pool, project,
+                                           &exp, reason);
+    }
+
+    if (ngx_http_credits_jwt_digest(token, digest) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    rc = ngx_http_credits_jwt_cache_get(jcf, digest, now, pool, project);
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    rc = ngx_http_credits_jwt_verify(jcf, token, now, pool, project, &exp,
+                                     reason);
+
+    if (rc == NGX_OK) {
+        ngx_http_credits_jwt_cache_put(jcf, digest, now, exp, project);
+    }
+
+    return rc;
+}
+
+
 ngx_int_t
 ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
     ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
-    const char **reason)
+    double *exp, const char **reason)
 {
     u_char                  *p, *dot1, *dot2, *last;
     json_t                  *json;
@@ -286,7 +323,8 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
         return rc;
     }
 
-    rc = ngx_http_credits_jwt_claims(jcf, json, now, pool, project, reason);
+    rc = ngx_http_credits_jwt_claims(jcf, json, now, pool, project, exp,
+                                     reason);
     json_decref(json);
 
     return rc;
@@ -402,10 +440,13 @@ ngx_http_credits_jwt_signature(ngx_http_credits_jwt_conf_t *jcf,
 
 static ngx_int_t
 ngx_http_credits_jwt_claims(ngx_http_credits_jwt_conf_t *jcf, json_t *claims,
-    time_t now, ngx_pool_t *pool, ngx_str_t *project, const char **reason)
+    time_t now, ngx_pool_t *pool, ngx_str_t *project, double *exp,
+    const char **reason)
 {
     json_t      *v;
     const char  *s;
+
+    *exp = 0;
 
     v = json_object_get(claims, "exp");
 
@@ -415,7 +456,9 @@ ngx_http_credits_jwt_claims(ngx_http_credits_jwt_conf_t *jcf, json_t *claims,
             return NGX_DECLINED;
         }
 
-        if ((double) now >= json_number_value(v) + (double) jcf->leeway) {
+        *exp = json_number_value(v);
+
+        if ((double) now >= *exp + (double) jcf->leeway) {
             *reason = "token expired";
             return NGX_DECLINED;
         }

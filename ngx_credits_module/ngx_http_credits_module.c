@@ -317,8 +317,8 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_loc_conf_t *lcf)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    rc = ngx_http_credits_jwt_verify(&lcf->jwt, &token, ngx_time(), r->pool,
-                                     &ctx->project, &reason);
+    rc = ngx_http_credits_jwt_check(&lcf->jwt, &token, ngx_time(), r->pool,
+                                    &ctx->project, &reason);
 
     if (rc == NGX_ERROR) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -16,6 +16,10 @@
 
 #define NGX_HTTP_CREDITS_TOKEN_MAX       8192
 #define NGX_HTTP_CREDITS_PROJECT_MAX     128
+#define NGX_HTTP_CREDITS_DIGEST_LEN      32
+
+
+typedef struct ngx_http_credits_jwt_cache_s  ngx_http_credits_jwt_cache_t;
 
 
 /* what became of a metered request: $credits_outcome and the counters */
@@ -44,6 +48,7 @@ typedef struct {
     ngx_http_complex_value_t   *token;        /* NULL: Authorization */
     time_t                      leeway;
     ngx_uint_t                  cache_size;
+    ngx_http_credits_jwt_cache_t  *cache;     /* per worker, on first use */
 } ngx_http_credits_jwt_conf_t;
 
 
@@ -154,9 +159,19 @@ char *ngx_http_credits_jwt_parse_algorithms(ngx_conf_t *cf,
     ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *names, ngx_uint_t n);
 char *ngx_http_credits_jwt_check_conf(ngx_conf_t *cf,
     ngx_http_credits_jwt_conf_t *jcf);
-ngx_int_t ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
+ngx_int_t ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf,
     ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
     const char **reason);
+ngx_int_t ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
+    ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
+    double *exp, const char **reason);
+
+/* verified-token cache */
+ngx_int_t ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest);
+ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
+    u_char *digest, time_t now, ngx_pool_t *pool, ngx_str_t *project);
+void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
+    u_char *digest, time_t now, double exp, ngx_str_t *project);
 
 /* redis adapter */
 ngx_int_t ngx_http_credits_redis_init(ngx_cycle_t *cycle,
