@@ -7,7 +7,7 @@
 NGINX_SRC  ?= /usr/share/nginx/src
 NGINX_BIN  ?= /usr/sbin/nginx
 BUILD      := build
-NGX_BUILD  := $(BUILD)/nginx
+NGX_BUILD  ?= $(BUILD)/nginx
 MODULE_SO  := $(NGX_BUILD)/objs/ngx_http_credits_module.so
 
 # The distribution's own hardening flags, plus our warning policy.  nginx
@@ -20,7 +20,15 @@ LD_OPT     := -Wl,-z,relro -Wl,-z,now -fPIC $(EXTRA_LD_OPT)
 
 PROVE_ARGS ?= -r t/
 
-.PHONY: all deps module test demo demo-stop clean
+# The sanitizer build: the same module with ASan and UBSan, loaded into the
+# stock nginx with gcc's ASan runtime preloaded; reports go to files that
+# must stay empty.
+ASAN_BUILD := $(BUILD)/asan
+ASAN_FLAGS := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+              -fno-sanitize-recover=undefined
+ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
+
+.PHONY: all deps module test test-asan module-asan demo demo-stop clean
 
 all: module
 
@@ -47,6 +55,22 @@ module: $(NGX_BUILD)/objs/Makefile
 test: module
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
 	    prove $(PROVE_ARGS)
+
+module-asan:
+	@$(MAKE) -s NGX_BUILD=$(ASAN_BUILD) EXTRA_CC_OPT="$(ASAN_FLAGS)" \
+	    EXTRA_LD_OPT="-fsanitize=address,undefined" module
+
+test-asan: module-asan
+	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
+	CREDITS_MODULE=$(CURDIR)/$(ASAN_BUILD)/objs/ngx_http_credits_module.so \
+	NGINX_BIN=$(NGINX_BIN) \
+	CREDITS_NGINX_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_LOGS)/asan \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_LOGS)/ubsan \
+	    prove $(PROVE_ARGS)
+	@if [ -n "$$(ls -A $(ASAN_LOGS))" ]; then \
+	    cat $(ASAN_LOGS)/*; echo "sanitizer reports: see above"; exit 1; \
+	fi; echo "sanitizers: no reports"
 
 demo: module
 	@tools/demo start
