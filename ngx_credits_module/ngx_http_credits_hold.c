@@ -465,20 +465,43 @@ ngx_http_credits_send_settle(ngx_str_t *keys, ngx_str_t *member,
 }
 
 
+/* 1: settled; 0: the hold was gone (expired and refunded, or settled) */
+
+ngx_int_t
+ngx_http_credits_settle_reply(redisReply *reply)
+{
+    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+        return NGX_ERROR;
+    }
+
+    switch (reply->integer) {
+    case 1:
+        return NGX_OK;
+    case 0:
+        return NGX_DECLINED;
+    default:
+        return NGX_ERROR;
+    }
+}
+
+
 static void
 ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
     redisReply *reply)
 {
     ngx_str_t   member, err;
-    ngx_int_t   held, charged, commit;
+    ngx_int_t   rc, held, charged, commit;
     ngx_uint_t  level;
     u_char     *p, *last;
 
     /* EVALSHA sha 3 key key key member charged status outcome */
     member.data = (u_char *) cmd->argv[6];
     member.len = cmd->argvlen[6];
+    commit = (cmd->argv[9][0] == 'c');
 
-    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+    rc = ngx_http_credits_settle_reply(reply);
+
+    if (rc == NGX_ERROR) {
         ngx_http_credits_reply_error(reply, &err);
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "credits: settle of hold \"%V\" failed: %V: it will "
@@ -486,9 +509,7 @@ ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
         return;
     }
 
-    commit = (cmd->argv[9][0] == 'c');
-
-    if (reply->integer == 0) {
+    if (rc == NGX_DECLINED) {
         level = commit ? NGX_LOG_WARN : NGX_LOG_INFO;
 
         ngx_log_error(level, ngx_cycle->log, 0,

@@ -193,11 +193,14 @@ ngx_int_t ngx_http_credits_hold(ngx_http_request_t *r,
 void ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx);
 void ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx);
 ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
+ngx_int_t ngx_http_credits_settle_reply(redisReply *reply);
 
 /* runtime prices */
 ngx_int_t ngx_http_credits_prices_init(ngx_cycle_t *cycle,
     ngx_http_credits_main_conf_t *cmcf);
 ngx_int_t ngx_http_credits_price_override(ngx_str_t *route, ngx_uint_t hash);
+ngx_array_t *ngx_http_credits_prices_parse(redisReply *reply,
+    ngx_pool_t *pool);
 
 /* response filter */
 ngx_int_t ngx_http_credits_filter_init(ngx_conf_t *cf);

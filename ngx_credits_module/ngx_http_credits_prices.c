@@ -34,8 +34,6 @@ typedef struct {
 static void ngx_http_credits_prices_refresh(ngx_event_t *ev);
 static void ngx_http_credits_prices_handler(ngx_http_credits_redis_cmd_t *cmd,
     redisReply *reply);
-static ngx_array_t *ngx_http_credits_prices_parse(redisReply *reply,
-    ngx_pool_t *pool);
 
 
 static ngx_http_credits_prices_t  ngx_http_credits_prices;
@@ -152,7 +150,9 @@ ngx_http_credits_prices_handler(ngx_http_credits_redis_cmd_t *cmd,
 }
 
 
-static ngx_array_t *
+/* route -> price pairs; a value that is not a price is skipped, logged */
+
+ngx_array_t *
 ngx_http_credits_prices_parse(redisReply *reply, ngx_pool_t *pool)
 {
     size_t                        i;
