@@ -273,7 +273,7 @@ ngx_http_credits_hold_handler(ngx_http_credits_redis_cmd_t *cmd,
     case NGX_DECLINED:
         ctx->balance = balance;
         ctx->outcome = NGX_HTTP_CREDITS_INSUFFICIENT;
-        ctx->rc = NGX_HTTP_CREDITS_INSUFFICIENT;
+        ctx->rc = NGX_HTTP_CREDITS_PAYMENT_REQUIRED;
         ngx_http_credits_count_outcome(ctx->outcome);
         break;
 

@@ -276,25 +276,24 @@ ngx_http_credits_access_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
+    lcf = ngx_http_get_module_loc_conf(r, ngx_http_credits_module);
     ctx = ngx_http_credits_get_ctx(r);
 
-    if (ctx != NULL) {
-
-        if (ctx->waiting) {
-            return NGX_AGAIN;
-        }
-
-        /* resumed after the hold, or internally redirected: gate once */
-        return ngx_http_credits_verdict(r, ctx);
+    if (ctx == NULL) {
+        return lcf->enable ? ngx_http_credits_gate(r, lcf) : NGX_DECLINED;
     }
 
-    lcf = ngx_http_get_module_loc_conf(r, ngx_http_credits_module);
-
-    if (!lcf->enable) {
-        return NGX_DECLINED;
+    if (ctx->waiting) {
+        return NGX_AGAIN;
     }
 
-    return ngx_http_credits_gate(r, lcf);
+    /*
+     * Resumed after the hold, or internally redirected (error_page,
+     * try_files, named locations): the gate ran once and its verdict
+     * stands in every metered location the request reaches.
+     */
+
+    return lcf->enable ? ngx_http_credits_verdict(r, ctx) : NGX_DECLINED;
 }
 
 
@@ -326,6 +325,8 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_loc_conf_t *lcf)
 
     if (rc != NGX_OK) {
         ctx->outcome = NGX_HTTP_CREDITS_UNAUTHORIZED;
+        ctx->rc = NGX_HTTP_UNAUTHORIZED;
+        ctx->answered = 1;
         ngx_http_credits_count_outcome(ctx->outcome);
         return ngx_http_credits_unauthorized(r, reason);
     }
@@ -338,7 +339,6 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_loc_conf_t *lcf)
 
     if (ctx->price == 0) {
         ctx->outcome = NGX_HTTP_CREDITS_FREE;
-        ctx->done = 1;
         ctx->rc = NGX_DECLINED;
         return NGX_DECLINED;
     }
@@ -360,6 +360,12 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 {
     ngx_table_elt_t  *h;
 
+    if (ctx->answered) {
+        return ctx->rc;
+    }
+
+    ctx->answered = 1;
+
     switch (ctx->rc) {
 
     case NGX_HTTP_SERVICE_UNAVAILABLE:
@@ -373,13 +379,9 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
         ngx_str_set(&h->key, "Retry-After");
         ngx_str_set(&h->value, "1");
 
-        /* a later pass (after an error_page redirect) must not answer again */
-        ctx->rc = NGX_DECLINED;
-
         return NGX_HTTP_SERVICE_UNAVAILABLE;
 
-    case NGX_HTTP_CREDITS_INSUFFICIENT:
-        ctx->rc = NGX_DECLINED;
+    case NGX_HTTP_CREDITS_PAYMENT_REQUIRED:
         return ngx_http_credits_insufficient(r, ctx);
 
     default:
@@ -411,7 +413,7 @@ ngx_http_credits_insufficient(ngx_http_request_t *r,
     b->last_buf = 1;
     b->last_in_chain = 1;
 
-    r->headers_out.status = 402;
+    r->headers_out.status = NGX_HTTP_CREDITS_PAYMENT_REQUIRED;
     r->headers_out.content_length_n = b->last - b->pos;
     ngx_str_set(&r->headers_out.content_type, "application/json");
     r->headers_out.content_type_len = r->headers_out.content_type.len;

@@ -85,6 +85,8 @@ typedef struct {
 } ngx_http_credits_loc_conf_t;
 
 
+#define NGX_HTTP_CREDITS_PAYMENT_REQUIRED  402
+
 #define NGX_HTTP_CREDITS_FAIL_CLOSED  1
 #define NGX_HTTP_CREDITS_FAIL_OPEN    2
 
@@ -136,7 +138,7 @@ typedef struct {
     ngx_int_t                       rc;           /* to return on resume */
 
     unsigned                        waiting:1;
-    unsigned                        done:1;       /* gate passed or failed */
+    unsigned                        answered:1;   /* verdict given once */
     unsigned                        held:1;
     unsigned                        header_seen:1;
     unsigned                        cost_read:1;
