@@ -308,12 +308,6 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
         return rc;
     }
 
-    rc = ngx_http_credits_jwt_signature(jcf, token, alg, pool);
-    if (rc != NGX_OK) {
-        *reason = "bad signature";
-        return rc;
-    }
-
     segment.data = dot1 + 1;
     segment.len = dot2 - segment.data;
 
@@ -323,8 +317,18 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
         return rc;
     }
 
-    rc = ngx_http_credits_jwt_claims(jcf, json, now, pool, project, exp,
-                                     reason);
+    /* nothing of the claims is trusted before the signature is */
+
+    rc = ngx_http_credits_jwt_signature(jcf, token, alg, pool);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_credits_jwt_claims(jcf, json, now, pool, project, exp,
+                                         reason);
+
+    } else {
+        *reason = "bad signature";
+    }
+
     json_decref(json);
 
     return rc;
@@ -511,7 +515,8 @@ ngx_http_credits_jwt_claims(ngx_http_credits_jwt_conf_t *jcf, json_t *claims,
         return NGX_ERROR;
 
     default:
-        *reason = (v == NULL) ? "no project claim" : "invalid project id";
+        *reason = (v == NULL || json_is_null(v)) ? "no project claim"
+                                                 : "invalid project id";
         return NGX_DECLINED;
     }
 }
