@@ -387,7 +387,7 @@ sub read_reply {
     die "bad reply line: $line\n";
 }
 
-sub DESTROY { $_[0]->stop }
+sub DESTROY { local $?; $_[0]->stop }
 
 
 package CreditsTest::Upstream;
@@ -488,7 +488,7 @@ sub stop {
     delete $self->{pid};
 }
 
-sub DESTROY { $_[0]->stop }
+sub DESTROY { local $?; $_[0]->stop }
 
 
 package CreditsTest::Nginx;
@@ -626,6 +626,6 @@ sub get {
     return $self->request('GET', $path, headers => \%headers);
 }
 
-sub DESTROY { $_[0]->stop }
+sub DESTROY { local $?; $_[0]->stop }
 
 1;
