@@ -803,7 +803,6 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
      *     lcf->price = NULL;
      *     lcf->route = { 0, NULL };
      *     lcf->cost_header = { 0, NULL };
-     *     lcf->fail = 0;
      *     lcf->jwt.key = { 0, NULL };
      *     lcf->jwt.algorithms = 0;
      *     lcf->jwt.issuer = { 0, NULL };
@@ -814,6 +813,7 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
 
     lcf->enable = NGX_CONF_UNSET;
     lcf->hold_ttl = NGX_CONF_UNSET_MSEC;
+    lcf->fail = NGX_CONF_UNSET_UINT;
     lcf->jwt.leeway = NGX_CONF_UNSET;
     lcf->jwt.cache_size = NGX_CONF_UNSET_UINT;
 

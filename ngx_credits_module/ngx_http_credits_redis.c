@@ -28,6 +28,14 @@
 #define NGX_HTTP_CREDITS_BACKOFF_MIN       100
 #define NGX_HTTP_CREDITS_BACKOFF_MAX       5000
 
+/*
+ * A request waits "timeout" for its reply; the connection is given three
+ * times that to make progress before it is dropped.  A Redis that is only
+ * slow thus still answers, and a hold whose request gave up is released at
+ * once instead of being locked until its ttl; a Redis that hangs is left.
+ */
+#define NGX_HTTP_CREDITS_STALL_FACTOR      3
+
 
 typedef struct {
     redisAsyncContext              *ac;
@@ -225,7 +233,9 @@ ngx_http_credits_redis_stall_handler(ngx_event_t *ev)
     ngx_log_error(NGX_LOG_ERR, rd->log, 0,
                   "credits: redis %V: no reply within %Mms, %ui commands "
                   "pending: dropping the connection",
-                  &rd->conf->name, rd->conf->timeout, rd->pending);
+                  &rd->conf->name,
+                  rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR,
+                  rd->pending);
 
     if (rd->ac) {
         redisAsyncFree(rd->ac);
@@ -418,7 +428,8 @@ ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd)
     }
 
     if (rd->pending++ == 0) {
-        ngx_add_timer(&rd->stall_timer, rd->conf->timeout);
+        ngx_add_timer(&rd->stall_timer,
+                      rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }
 
     return NGX_OK;
@@ -443,7 +454,8 @@ ngx_http_credits_redis_reply(redisAsyncContext *ac, void *r, void *privdata)
         }
 
     } else {
-        ngx_add_timer(&rd->stall_timer, rd->conf->timeout);
+        ngx_add_timer(&rd->stall_timer,
+                      rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }
 
     if (reply && reply->type == REDIS_REPLY_ERROR && cmd->script

@@ -318,7 +318,7 @@ sub start_again {
         open STDERR, '>&', \*STDOUT;
         { exec 'redis-server', '--port', $self->{port}, '--bind', '127.0.0.1',
                '--save', '', '--appendonly', 'no', '--dir', $self->{dir},
-               '--daemonize', 'no' };
+               '--daemonize', 'no', '--enable-debug-command', 'yes' };
         POSIX::_exit(127);
     }
     $self->{pid} = $pid;
