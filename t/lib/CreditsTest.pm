@@ -14,6 +14,7 @@ use MIME::Base64 qw(encode_base64);
 use Digest::SHA qw(hmac_sha256 hmac_sha384 hmac_sha512);
 use POSIX qw(WNOHANG);
 use Time::HiRes qw(sleep time);
+use Scalar::Util ();
 
 our @EXPORT = qw(free_port http_request b64url jwt_hs jwt_pem jwt_raw
     gen_rsa_key gen_ec_key json_encode parallel slurp wait_for test_dir
@@ -25,6 +26,12 @@ use File::Basename qw(dirname);
 my $TOP = abs_path(dirname(__FILE__) . '/../..');
 
 my $DIR;
+my @RUNNING;    # servers to stop before the temp dir goes
+
+END {
+    local $?;
+    $_ && $_->stop for @RUNNING;
+}
 
 # one temp dir per test file, kept when TEST_KEEP is set
 sub test_dir {
@@ -322,6 +329,8 @@ sub start_again {
         POSIX::_exit(127);
     }
     $self->{pid} = $pid;
+    push @RUNNING, $self;
+    Scalar::Util::weaken($RUNNING[-1]);
     delete $self->{sock};
     CreditsTest::wait_for(sub {
         my $r = eval { $self->cmd('PING') };
@@ -428,6 +437,8 @@ sub start {
     }
     close $listen;
     $self->{pid} = $pid;
+    push @RUNNING, $self;
+    Scalar::Util::weaken($RUNNING[-1]);
     return $self;
 }
 
@@ -574,6 +585,9 @@ sub start {
     CreditsTest::wait_for(sub { $self->pid && CreditsTest::port_open($self->{port}) }, 10)
         or die "nginx is not listening:\n" . $self->error_log;
     $self->{started} = 1;
+    $self->{master} = $self->pid;
+    push @RUNNING, $self;
+    Scalar::Util::weaken($RUNNING[-1]);
     return $self;
 }
 
@@ -603,7 +617,7 @@ sub reload {
 sub stop {
     my ($self) = @_;
     return unless $self->{started};
-    my $pid = $self->pid;
+    my $pid = $self->{master};
     if ($pid) {
         kill 'QUIT', $pid;
         CreditsTest::wait_for(sub { !kill 0, $pid }, 10)
