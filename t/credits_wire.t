@@ -71,9 +71,10 @@ sub last_entry { entries()->[-1] }
 # the settle runs after the response: a held request waits for its entry
 sub call {
     my ($path, %h) = @_;
-    my $n = $redis->cmd('XLEN', 'credits:{wire}:ledger');
     my $r = $ngx->get($path, %h);
-    wait_for(sub { $redis->cmd('XLEN', 'credits:{wire}:ledger') > $n }, 3)
+    my $id = $r->{headers}{'x-hold'};
+    wait_for(sub { grep { $_->{request_id} eq $id } @{ entries() } }, 10)
+        or diag "no ledger entry for hold $id of $path"
         if exists $r->{headers}{'x-credits-held'};
     return $r;
 }
