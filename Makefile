@@ -28,9 +28,11 @@ ASAN_FLAGS := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
               -fno-sanitize-recover=undefined
 ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
+CREDITSCTL := $(BUILD)/creditsctl
+
 .PHONY: all deps module test test-asan module-asan demo demo-stop clean
 
-all: module
+all: module $(CREDITSCTL)
 
 deps:
 	@tools/install-deps
@@ -52,18 +54,24 @@ $(NGX_BUILD)/objs/Makefile: config config.make Makefile | deps
 module: $(NGX_BUILD)/objs/Makefile
 	@$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile modules
 
-test: module
+$(CREDITSCTL): creditsctl/creditsctl.c | deps
+	@mkdir -p $(BUILD)
+	$(CC) -std=c99 -D_DEFAULT_SOURCE -O2 -g -Wall -Wextra -Werror \
+	    -o $@ $< -lhiredis
+
+test: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
+	CREDITSCTL=$(CURDIR)/$(CREDITSCTL) \
 	    prove $(PROVE_ARGS)
 
 module-asan:
 	@$(MAKE) -s NGX_BUILD=$(ASAN_BUILD) EXTRA_CC_OPT="$(ASAN_FLAGS)" \
 	    EXTRA_LD_OPT="-fsanitize=address,undefined" module
 
-test-asan: module-asan
+test-asan: module-asan $(CREDITSCTL)
 	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
 	CREDITS_MODULE=$(CURDIR)/$(ASAN_BUILD)/objs/ngx_http_credits_module.so \
-	NGINX_BIN=$(NGINX_BIN) \
+	NGINX_BIN=$(NGINX_BIN) CREDITSCTL=$(CURDIR)/$(CREDITSCTL) \
 	CREDITS_NGINX_PRELOAD=$$(gcc -print-file-name=libasan.so) \
 	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_LOGS)/asan \
 	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(ASAN_LOGS)/ubsan \
