@@ -299,7 +299,7 @@ ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx, ngx_log_t *log,
     ngx_http_credits_loc_conf_t  *lcf;
 
     lcf = ngx_http_get_module_loc_conf(ctx->request, ngx_http_credits_module);
-    open = (lcf->fail == NGX_HTTP_CREDITS_FAIL_OPEN);
+    open = (lcf->fail == NGX_HTTP_CREDITS_ON_FAIL_OPEN);
 
     ngx_log_error(NGX_LOG_ERR, log, 0,
                   "credits: project \"%V\" route \"%V\": %s%s%V, %s",

@@ -49,8 +49,8 @@ static void ngx_http_credits_exit_process(ngx_cycle_t *cycle);
 
 
 static ngx_conf_enum_t  ngx_http_credits_fail[] = {
-    { ngx_string("closed"), NGX_HTTP_CREDITS_FAIL_CLOSED },
-    { ngx_string("open"), NGX_HTTP_CREDITS_FAIL_OPEN },
+    { ngx_string("closed"), NGX_HTTP_CREDITS_ON_FAIL_CLOSE },
+    { ngx_string("open"), NGX_HTTP_CREDITS_ON_FAIL_OPEN },
     { ngx_null_string, 0 }
 };
 
@@ -836,7 +836,7 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_msec_value(conf->hold_ttl, prev->hold_ttl, 300000);
     ngx_conf_merge_uint_value(conf->fail, prev->fail,
-                              NGX_HTTP_CREDITS_FAIL_CLOSED);
+                              NGX_HTTP_CREDITS_ON_FAIL_CLOSE);
     ngx_conf_merge_str_value(conf->cost_header, prev->cost_header, "");
 
     if (conf->price == NULL) {

@@ -87,8 +87,8 @@ typedef struct {
 
 #define NGX_HTTP_CREDITS_PAYMENT_REQUIRED  402
 
-#define NGX_HTTP_CREDITS_FAIL_CLOSED  1
-#define NGX_HTTP_CREDITS_FAIL_OPEN    2
+#define NGX_HTTP_CREDITS_ON_FAIL_CLOSE  1
+#define NGX_HTTP_CREDITS_ON_FAIL_OPEN   2
 
 
 typedef struct ngx_http_credits_redis_cmd_s  ngx_http_credits_redis_cmd_t;
