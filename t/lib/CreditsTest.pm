@@ -535,7 +535,7 @@ sub write_conf {
     my $d = $self->{dir};
     my $module = $ENV{CREDITS_MODULE}
         || "$TOP/build/nginx/objs/ngx_http_credits_module.so";
-    my $conf = <<"END";
+    my $conf = $self->{conf} // <<"END";
 load_module $module;
 worker_processes @{[ $self->{workers} || 1 ]};
 error_log $d/error.log @{[ $self->{log_level} || 'info' ]};
