@@ -312,7 +312,7 @@ use Time::HiRes qw(sleep);
 sub start {
     my ($class, %o) = @_;
     my $self = bless { port => $o{port} || CreditsTest::free_port(),
-                       dir => CreditsTest::test_dir() }, $class;
+                       dir => CreditsTest::test_dir(), aof => $o{aof} }, $class;
     $self->start_again;
     return $self;
 }
@@ -325,7 +325,9 @@ sub start_again {
         open STDERR, '>&', \*STDOUT;
         { exec 'redis-server', '--port', $self->{port}, '--bind', '127.0.0.1',
                '--save', '', '--appendonly', 'no', '--dir', $self->{dir},
-               '--daemonize', 'no', '--enable-debug-command', 'yes' };
+               '--daemonize', 'no', '--enable-debug-command', 'yes',
+               ($self->{aof} ? ('--appendonly', 'yes', '--appendfsync', 'always')
+                             : ()) };
         POSIX::_exit(127);
     }
     $self->{pid} = $pid;
@@ -340,6 +342,14 @@ sub start_again {
 
 sub port { $_[0]->{port} }
 sub addr { "127.0.0.1:$_[0]->{port}" }
+
+sub kill9 {
+    my ($self) = @_;
+    kill 'KILL', $self->{pid};
+    waitpid $self->{pid}, 0;
+    delete $self->{pid};
+    delete $self->{sock};
+}
 
 sub stop {
     my ($self) = @_;
