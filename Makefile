@@ -80,6 +80,8 @@ test-asan: module-asan $(CREDITSCTL)
 	    cat $(ASAN_LOGS)/*; echo "sanitizer reports: see above"; exit 1; \
 	fi; echo "sanitizers: no reports"
 
+include fuzz/fuzz.mk
+
 demo: module
 	@tools/demo start
 
