@@ -30,7 +30,7 @@ ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
 CREDITSCTL := $(BUILD)/creditsctl
 
-.PHONY: all deps module test test-asan module-asan demo demo-stop clean
+.PHONY: soak all deps module test test-asan module-asan demo demo-stop clean
 
 all: module $(CREDITSCTL)
 
@@ -81,6 +81,11 @@ test-asan: module-asan $(CREDITSCTL)
 	fi; echo "sanitizers: no reports"
 
 include fuzz/fuzz.mk
+
+# five minutes of mixed traffic, then every audit and the workers' memory
+soak: module $(CREDITSCTL)
+	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
+	CREDITSCTL=$(CURDIR)/$(CREDITSCTL) tools/soak
 
 demo: module
 	@tools/demo start
