@@ -9,6 +9,10 @@
  * call redisAsyncHandleRead/Write; hiredis asks for reading and writing
  * through its ev hooks, which add and delete level-triggered events (the
  * model hiredis is written for: it reads and writes once per call).
+ * Once connected, commands are not written one by one: hiredis's request
+ * to write posts one flush event, so every command issued in an event loop
+ * iteration leaves in one write(), and the socket is watched for
+ * writability only when that write could not finish.
  * Connect and stalls are bounded by nginx timers; a lost connection fails
  * every pending command (its handler gets a NULL reply) and is made again
  * with backoff.  Nothing here ever blocks: addresses are resolved at
@@ -45,11 +49,13 @@ typedef struct {
 
     ngx_event_t                     connect_timer;  /* connect, backoff */
     ngx_event_t                     stall_timer;    /* replies overdue */
+    ngx_event_t                     flush;          /* write the commands */
 
     ngx_uint_t                      state;
     ngx_uint_t                      pending;
     ngx_uint_t                      reconnects;
     ngx_msec_t                      backoff;
+    unsigned                        flushing:1;
 } ngx_http_credits_redis_t;
 
 
@@ -68,6 +74,7 @@ static void ngx_http_credits_redis_read_handler(ngx_event_t *ev);
 static void ngx_http_credits_redis_write_handler(ngx_event_t *ev);
 static void ngx_http_credits_redis_add_read(void *data);
 static void ngx_http_credits_redis_del_read(void *data);
+static void ngx_http_credits_redis_flush_handler(ngx_event_t *ev);
 static void ngx_http_credits_redis_add_write(void *data);
 static void ngx_http_credits_redis_del_write(void *data);
 static void ngx_http_credits_redis_cleanup(void *data);
@@ -97,6 +104,10 @@ ngx_http_credits_redis_init(ngx_cycle_t *cycle,
     rd->stall_timer.handler = ngx_http_credits_redis_stall_handler;
     rd->stall_timer.log = cycle->log;
     rd->stall_timer.data = rd;
+
+    rd->flush.handler = ngx_http_credits_redis_flush_handler;
+    rd->flush.log = cycle->log;
+    rd->flush.data = rd;
 
     ngx_http_credits_count_redis(0, 0);
     ngx_http_credits_redis_connect();
@@ -187,7 +198,8 @@ ngx_http_credits_redis_connect(void)
 
     redisAsyncSetConnectCallback(ac, ngx_http_credits_redis_on_connect);
 
-    /* writable means connected (or refused) */
+    /* writable means connected (or refused); hiredis asked for it already
+     * in redisAsyncSetConnectCallback(), this says so where it matters */
     ngx_http_credits_redis_add_write(c);
 
     ngx_add_timer(&rd->connect_timer, rd->conf->timeout);
@@ -559,17 +571,48 @@ ngx_http_credits_redis_del_read(void *data)
 
 
 static void
+ngx_http_credits_redis_flush_handler(ngx_event_t *ev)
+{
+    ngx_http_credits_redis_t  *rd = ev->data;
+
+    if (rd->ac == NULL) {
+        return;
+    }
+
+    rd->flushing = 1;
+    redisAsyncHandleWrite(rd->ac);
+    rd->flushing = 0;
+}
+
+
+/*
+ * Before the connect completes, and when a flush could not write all,
+ * wait for the socket to become writable; otherwise flush once, soon.
+ */
+
+static void
 ngx_http_credits_redis_add_write(void *data)
 {
-    ngx_connection_t  *c = data;
+    ngx_connection_t          *c = data;
+    ngx_http_credits_redis_t  *rd = c->data;
 
-    if (!c->write->active) {
+    if (c->write->active) {
+        return;
+    }
+
+    if (rd->flushing || rd->state != NGX_HTTP_CREDITS_REDIS_UP) {
         if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
             != NGX_OK)
         {
             ngx_log_error(NGX_LOG_ALERT, c->log, 0,
                           "credits: cannot watch the redis socket");
         }
+
+        return;
+    }
+
+    if (!rd->flush.posted) {
+        ngx_post_event(&rd->flush, &ngx_posted_events);
     }
 }
 
@@ -607,6 +650,10 @@ ngx_http_credits_redis_cleanup(void *data)
 
     if (c->write->posted) {
         ngx_delete_posted_event(c->write);
+    }
+
+    if (rd->flush.posted) {
+        ngx_delete_posted_event(&rd->flush);
     }
 
     ngx_free_connection(c);
