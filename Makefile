@@ -30,7 +30,7 @@ ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
 CREDITSCTL := $(BUILD)/creditsctl
 
-.PHONY: soak all deps module test test-asan module-asan demo demo-stop clean
+.PHONY: bench profile soak all deps module test test-asan module-asan demo demo-stop clean
 
 all: module $(CREDITSCTL)
 
@@ -81,6 +81,14 @@ test-asan: module-asan $(CREDITSCTL)
 	fi; echo "sanitizers: no reports"
 
 include fuzz/fuzz.mk
+
+# the module against plain proxy_pass: tables into docs/performance.md
+bench: module
+	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/run
+
+# where a request's instructions go, by callgrind
+profile: module
+	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/profile
 
 # five minutes of mixed traffic, then every audit and the workers' memory
 soak: module $(CREDITSCTL)
