@@ -513,8 +513,9 @@ ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
         level = commit ? NGX_LOG_WARN : NGX_LOG_INFO;
 
         ngx_log_error(level, ngx_cycle->log, 0,
-                      "credits: hold \"%V\" had expired before its %s: "
-                      "nothing charged", &member, cmd->argv[9]);
+                      "credits: hold \"%V\" had expired before its %*s: "
+                      "nothing charged", &member, cmd->argvlen[9],
+                      cmd->argv[9]);
         ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_EXPIRED);
         return;
     }

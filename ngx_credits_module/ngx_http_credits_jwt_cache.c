@@ -46,14 +46,22 @@ static void ngx_http_credits_jwt_cache_remove(
     ngx_http_credits_jwt_cache_t *cache, ngx_http_credits_jwt_entry_t *e);
 
 
+/* OpenSSL 3 looks the digest up on every EVP_sha256() call: once is enough */
+
 ngx_int_t
 ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest)
 {
-    unsigned int  n;
+    unsigned int     n;
+    static EVP_MD   *sha256;
 
-    if (EVP_Digest(token->data, token->len, digest, &n, EVP_sha256(), NULL)
-        != 1)
-    {
+    if (sha256 == NULL) {
+        sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (sha256 == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (EVP_Digest(token->data, token->len, digest, &n, sha256, NULL) != 1) {
         return NGX_ERROR;
     }
 

@@ -112,8 +112,10 @@ struct ngx_http_credits_redis_cmd_s {
     ngx_msec_t                          start;
     ngx_uint_t                          retried;
     int                                 argc;
-    const char                        **argv;
+    const char                        **argv;      /* unterminated */
     size_t                             *argvlen;
+    u_char                             *formatted;  /* the protocol bytes */
+    size_t                              formatted_len;
 };
 
 

@@ -352,10 +352,12 @@ ngx_http_credits_redis_setup_reply(redisAsyncContext *ac, void *r,
 
 /*
  * Sends a command, or a script by its SHA1 when "script" is set (the
- * arguments then start with numkeys).  The command keeps a copy of its
- * arguments: a NOSCRIPT reply (Redis restarted or flushed) loads the script
- * again and sends the same EVALSHA once more.  Returns NGX_DECLINED, and
- * never calls the handler, when Redis is not connected.
+ * arguments then start with numkeys).  The command is formatted in the
+ * protocol once, into memory of its own that also keeps the arguments
+ * (cmd->argv points into it, unterminated): a NOSCRIPT reply (Redis
+ * restarted or flushed) loads the script again and sends the same bytes
+ * once more.  Returns NGX_DECLINED, and never calls the handler, when
+ * Redis is not connected.
  */
 
 ngx_int_t
@@ -367,6 +369,7 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
     int                            i, n;
     u_char                        *p;
     size_t                         size;
+    const char                    *arg;
     ngx_http_credits_redis_cmd_t  *cmd;
 
     if (ngx_http_credits_redis.state == NGX_HTTP_CREDITS_REDIS_DOWN) {
@@ -375,8 +378,12 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
 
     n = argc + (script ? 2 : 0);
 
+    /* "*n\r\n", then "$len\r\narg\r\n" for each argument */
     size = sizeof(ngx_http_credits_redis_cmd_t)
-           + n * (sizeof(char *) + sizeof(size_t));
+           + n * (sizeof(char *) + sizeof(size_t))
+           + 1 + NGX_INT_T_LEN + 2
+           + n * (1 + NGX_SIZE_T_LEN + 4)
+           + (script ? sizeof("EVALSHA") - 1 + 40 : 0);
 
     for (i = 0; i < argc; i++) {
         size += argvlen[i];
@@ -395,23 +402,35 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
     cmd->argc = n;
     cmd->argv = (const char **) (cmd + 1);
     cmd->argvlen = (size_t *) (cmd->argv + n);
+    cmd->formatted = (u_char *) (cmd->argvlen + n);
 
-    p = (u_char *) (cmd->argvlen + n);
-    n = 0;
+    p = ngx_sprintf(cmd->formatted, "*%d\r\n", n);
 
-    if (script) {
-        cmd->argv[0] = "EVALSHA";
-        cmd->argvlen[0] = 7;
-        cmd->argv[1] = (const char *) script->sha1;
-        cmd->argvlen[1] = 40;
-        n = 2;
+    for (i = -(script ? 2 : 0); i < argc; i++) {
+
+        if (i == -2) {
+            arg = "EVALSHA";
+            cmd->argvlen[0] = 7;
+
+        } else if (i == -1) {
+            arg = (const char *) script->sha1;
+            cmd->argvlen[1] = 40;
+
+        } else {
+            arg = argv[i];
+            cmd->argvlen[n - argc + i] = argvlen[i];
+        }
+
+        size = cmd->argvlen[n - argc + i];
+
+        p = ngx_sprintf(p, "$%uz\r\n", size);
+        cmd->argv[n - argc + i] = (const char *) p;
+        p = ngx_cpymem(p, arg, size);
+        *p++ = '\r';
+        *p++ = '\n';
     }
 
-    for (i = 0; i < argc; i++, n++) {
-        cmd->argv[n] = (const char *) p;
-        cmd->argvlen[n] = argvlen[i];
-        p = ngx_cpymem(p, argv[i], argvlen[i]);
-    }
+    cmd->formatted_len = p - cmd->formatted;
 
     if (ngx_http_credits_redis_send(cmd) != NGX_OK) {
         ngx_free(cmd);
@@ -432,8 +451,9 @@ ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd)
     ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
 
     if (rd->ac == NULL
-        || redisAsyncCommandArgv(rd->ac, ngx_http_credits_redis_reply, cmd,
-                                 cmd->argc, cmd->argv, cmd->argvlen)
+        || redisAsyncFormattedCommand(rd->ac, ngx_http_credits_redis_reply,
+                                      cmd, (const char *) cmd->formatted,
+                                      cmd->formatted_len)
            != REDIS_OK)
     {
         return NGX_DECLINED;
