@@ -72,7 +72,9 @@ sub last_entry { entries()->[-1] }
 sub call {
     my ($path, %h) = @_;
     my $r = $ngx->get($path, %h);
-    my $id = $r->{headers}{'x-hold'};
+    my $id = $r->{headers}{'x-hold'} // '';
+    diag "no hold for $path: ", explain($r), substr($ngx->error_log, -3000)
+        if $path =~ m{^/gen\?cost=} && $r->{status} == 200 && !$id;
     wait_for(sub { grep { $_->{request_id} eq $id } @{ entries() } }, 10)
         or diag "no ledger entry for hold $id of $path"
         if exists $r->{headers}{'x-credits-held'};
