@@ -36,6 +36,7 @@ fuzz_init(void)
          ngx_pagesize_shift++) { /* void */ }
 
     ngx_time_init();
+    ngx_use_stderr = 0;
 
     fuzz_log_file.fd = open("/dev/null", O_WRONLY);
     fuzz_log.file = &fuzz_log_file;
