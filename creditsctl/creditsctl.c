@@ -84,11 +84,34 @@ static const char  topup_lua[] =
     " 'amount', ARGV[1], 'ts', now)\n"
     "return b\n";
 
-/* the audit reads balance, ledger and holds in one atomic snapshot */
-static const char  snapshot_lua[] =
-    "return {redis.call('GET', KEYS[1]) or '0',"
-    " redis.call('XRANGE', KEYS[2], '-', '+'),"
-    " redis.call('ZRANGE', KEYS[3], 0, -1)}\n";
+/*
+ * The audit sums balance, ledger and holds in one atomic snapshot, inside
+ * Redis: a ledger of millions of entries is read in pages there instead of
+ * being sent over the wire.  Returns balance, charged, top-ups, held.
+ */
+static const char  audit_lua[] =
+    "local balance = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
+    "local charged, topups, held = 0, 0, 0\n"
+    "local from = '-'\n"
+    "while true do\n"
+    "  local page = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 10000)\n"
+    "  if #page == 0 then break end\n"
+    "  for _, e in ipairs(page) do\n"
+    "    local f, outcome, amount, ch = e[2], nil, 0, 0\n"
+    "    for i = 1, #f, 2 do\n"
+    "      if f[i] == 'outcome' then outcome = f[i + 1]\n"
+    "      elseif f[i] == 'amount' then amount = tonumber(f[i + 1]) or 0\n"
+    "      elseif f[i] == 'charged' then ch = tonumber(f[i + 1]) or 0 end\n"
+    "    end\n"
+    "    if outcome == 'topup' then topups = topups + amount\n"
+    "    else charged = charged + ch end\n"
+    "  end\n"
+    "  from = '(' .. page[#page][1]\n"
+    "end\n"
+    "for _, m in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do\n"
+    "  held = held + (tonumber(string.match(m, '^[^:]+:(%d+):')) or 0)\n"
+    "end\n"
+    "return {balance, charged, topups, held}\n";
 
 
 static void
@@ -611,11 +634,9 @@ cmd_holds(options_t *o, int argc, char **argv)
 static int
 cmd_audit(options_t *o, int argc, char **argv)
 {
-    size_t       i;
-    long long    start, balance, topups, charged, held, n, diff;
-    char         id[64];
-    const char  *p, *route;
-    redisReply  *r, *e, *f;
+    long long    start, balance, topups, charged, held, diff;
+    const char  *p;
+    redisReply  *r;
 
     if (argc != 1 && !(argc == 3 && strcmp(argv[1], "--start") == 0)) {
         die(EXIT_USAGE, "usage: creditsctl audit P [--start N]");
@@ -624,31 +645,24 @@ cmd_audit(options_t *o, int argc, char **argv)
     p = check_project(argv[0]);
     start = (argc == 3) ? parse_number(argv[2], 0, "start") : 0;
 
-    r = run(o, "EVAL %s 3 %s %s %s", snapshot_lua, key(o, p, "balance"),
+    /* a long ledger takes Redis a while to sum */
+    if (o->ctx == NULL) {
+        connect_redis(o);
+    }
+
+    redisSetTimeout(o->ctx, (struct timeval) { 600, 0 });
+
+    r = run(o, "EVAL %s 3 %s %s %s", audit_lua, key(o, p, "balance"),
             key(o, p, "ledger"), key(o, p, "holds"));
 
-    balance = reply_number(r->element[0]);
-    topups = charged = held = 0;
-
-    for (i = 0; i < r->element[1]->elements; i++) {
-        e = r->element[1]->element[i];
-        f = e->element[1];
-
-        if (strcmp(field(f, "outcome"), "topup") == 0) {
-            topups += strtoll(field(f, "amount"), NULL, 10);
-
-        } else {
-            charged += strtoll(field(f, "charged"), NULL, 10);
-        }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4) {
+        die(EXIT_REDIS, "unexpected reply to the audit script");
     }
 
-    for (i = 0; i < r->element[2]->elements; i++) {
-        if (parse_hold(r->element[2]->element[i]->str, id, sizeof(id), &n,
-                       &route) == 0)
-        {
-            held += n;
-        }
-    }
+    balance = r->element[0]->integer;
+    charged = r->element[1]->integer;
+    topups = r->element[2]->integer;
+    held = r->element[3]->integer;
 
     freeReplyObject(r);
 
