@@ -8,9 +8,7 @@ use CreditsTest;
 
 my $dir = test_dir();
 my $secret = 'race-secret-0123456789abcdef';
-open my $f, '>', "$dir/hs.key" or die;
-print $f $secret;
-close $f;
+write_file('hs.key', $secret);
 
 my $redis = CreditsTest::Redis->start;
 my $up = CreditsTest::Upstream->start;

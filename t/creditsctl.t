@@ -109,9 +109,7 @@ like $out, qr/"difference":0,"ok":true/, 'audit --json';
 
 # an audit after real traffic through nginx
 my $dir = test_dir();
-open my $f, '>', "$dir/hs.key" or die;
-print $f 'ctl-secret';
-close $f;
+write_file('hs.key', 'ctl-secret');
 my $up = CreditsTest::Upstream->start;
 my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up, workers => 2,
                                   vars => { DIR => $dir }, http => <<'END');

@@ -12,9 +12,7 @@ use CreditsTest;
 
 my $dir = test_dir();
 my $secret = 'load-secret-0123456789';
-open my $f, '>', "$dir/hs.key" or die;
-print $f $secret;
-close $f;
+write_file('hs.key', $secret);
 
 my $ctl = $ENV{CREDITSCTL} || 'build/creditsctl';
 my $redis = CreditsTest::Redis->start(aof => 1);

@@ -11,9 +11,7 @@ use CreditsTest;
 
 my $dir = test_dir();
 my $secret = 'hostile-secret-0123456789';
-open my $f, '>', "$dir/hs.key" or die;
-print $f $secret;
-close $f;
+write_file('hs.key', $secret);
 my ($other_key) = gen_rsa_key($dir, 'attacker');
 
 my $redis = CreditsTest::Redis->start;

@@ -9,9 +9,7 @@ use CreditsTest;
 
 my $dir = test_dir();
 my $secret = "s3cret-\x00-bytes-with-newline\n";
-open my $f, '>', "$dir/hs.key" or die;
-print $f $secret;
-close $f;
+write_file('hs.key', $secret);
 
 my $up = CreditsTest::Upstream->start;
 my $ngx = CreditsTest::Nginx->new(upstream => $up, vars => { DIR => $dir },

@@ -12,14 +12,6 @@ my ($rsa, $rsa_pub) = gen_rsa_key($dir);
 my %ec = map { $_->[0] => [gen_ec_key($dir, $_->[1])] }
          ['ES256', 'prime256v1'], ['ES384', 'secp384r1'], ['ES512', 'secp521r1'];
 
-sub write_file {
-    my ($name, $data) = @_;
-    open my $f, '>', "$dir/$name" or die;
-    print $f $data;
-    close $f;
-    return "$dir/$name";
-}
-
 my $hs = write_file('hs.key', 'a-secret-of-enough-length-0123456789');
 
 my $up = CreditsTest::Upstream->start;

@@ -11,9 +11,7 @@ use Cwd ();
 my $dir = test_dir();
 my ($priv, $pub) = gen_rsa_key($dir, 'builder');
 rename $pub, "$dir/builder.pub";
-open my $f, '>', "$dir/site-token.key" or die;
-print $f 'site-token-secret';
-close $f;
+write_file('site-token.key', 'site-token-secret');
 
 my $redis = CreditsTest::Redis->start;
 my $up = CreditsTest::Upstream->start;

@@ -8,9 +8,7 @@ use lib 't/lib';
 use CreditsTest;
 
 my $dir = test_dir();
-open my $f, '>', "$dir/hs.key" or die;
-print $f 'status-secret';
-close $f;
+write_file('hs.key', 'status-secret');
 
 my $redis = CreditsTest::Redis->start;
 my $up = CreditsTest::Upstream->start;

@@ -17,8 +17,8 @@ use Time::HiRes qw(sleep time);
 use Scalar::Util ();
 
 our @EXPORT = qw(free_port http_request b64url jwt_hs jwt_pem jwt_raw
-    gen_rsa_key gen_ec_key json_encode parallel slurp wait_for test_dir
-    ledger audit);
+    gen_rsa_key gen_ec_key json_encode parallel slurp write_file wait_for
+    test_dir ledger audit);
 
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
@@ -56,6 +56,16 @@ sub slurp {
     open my $f, '<', $path or return '';
     local $/;
     return scalar <$f>;
+}
+
+# a file of the test dir with exactly these bytes (a key, say); its path
+sub write_file {
+    my ($name, $data) = @_;
+    my $path = test_dir() . "/$name";
+    open my $f, '>', $path or die "$path: $!";
+    print $f $data;
+    close $f;
+    return $path;
 }
 
 sub wait_for {
