@@ -138,6 +138,7 @@ $redis->cmd('SET', 'credits:{stat}:balance', 20);
 ok wait_for(sub { ($ngx->get('/ai?cost=3', %auth)->{headers}{'x-credits-held'} // 0) == 4 }, 10),
     'charging after the reload';
 $ngx->get('/ai?status=503', %auth);
+settled();    # the release refunds after the answer; let it land before setting the balance
 $redis->cmd('SET', 'credits:{stat}:balance', 1);
 $ngx->get('/ai', %auth);
 $ngx->get('/ai', Authorization => 'Bearer x.y.z');
