@@ -3,7 +3,8 @@
  *
  * Any bytes as what Redis sent: hiredis's own reader makes replies of every
  * shape (errors, nil, integers, nested arrays, wrong types), which go to
- * the hold, settle and prices parsers the module uses.
+ * the batch splitter and the hold, settle and prices parsers the module
+ * uses.
  */
 
 #include "fuzz_common.h"
@@ -42,7 +43,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     ngx_int_t     rc, balance;
     ngx_pool_t   *pool;
     redisReader  *reader;
-    redisReply   *reply;
+    redisReply   *reply, *item;
+    ngx_uint_t    n, i;
 
     fuzz_init();
 
@@ -65,12 +67,20 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (redisReaderGetReply(reader, &r) == REDIS_OK && r != NULL) {
         reply = r;
 
-        rc = ngx_http_credits_hold_reply(reply, &balance);
-        if (rc != NGX_ERROR && balance < 0) {
-            __builtin_trap();
-        }
+        /* a batch's reply split for 1 to 3 items, each part parsed the way
+         * a hold and a settle parse theirs */
+        for (n = 1; n <= 3; n++) {
+            for (i = 0; i < n; i++) {
+                item = ngx_http_credits_batch_element(reply, n, i);
 
-        (void) ngx_http_credits_settle_reply(reply);
+                rc = ngx_http_credits_hold_reply(item, &balance);
+                if (rc != NGX_ERROR && balance < 0) {
+                    __builtin_trap();
+                }
+
+                (void) ngx_http_credits_settle_reply(item);
+            }
+        }
 
         pool = ngx_create_pool(1024, &fuzz_log);
         if (pool) {

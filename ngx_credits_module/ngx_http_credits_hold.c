@@ -5,12 +5,16 @@
  * Hold and settle: the calls of the Redis scripts and what their replies
  * mean.  The money logic itself is atomic inside the scripts (lua/).
  *
+ * Holds and settles go to Redis in batches, one script call per project
+ * and event loop iteration (ngx_http_credits_batch.c); each request's part
+ * of the reply comes back to it here.
+ *
  * A request waiting for its hold is parked in the access phase; the reply
  * (or the hold timeout) posts ctx->wait, whose handler runs the phases
- * again.  A request that is gone before the reply leaves a command whose
- * data is NULL: if that hold was placed after all, it is released at once.
- * The settle is sent from the request pool's cleanup, exactly once, with
- * copies of everything it needs: its reply finds no request.
+ * again.  A request that is gone before the reply leaves a batch item
+ * whose data is NULL: if that hold was placed after all, it is released at
+ * once.  The settle is sent from the request pool's cleanup, exactly once;
+ * the batch keeps copies of everything it needs.
  */
 
 
@@ -27,17 +31,18 @@
 
 static ngx_int_t ngx_http_credits_hold_args(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
-static void ngx_http_credits_hold_handler(ngx_http_credits_redis_cmd_t *cmd,
+static void ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply);
 static void ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx,
     ngx_log_t *log, const char *what, ngx_str_t *err);
-static void ngx_http_credits_release_orphan(ngx_http_credits_redis_cmd_t *cmd);
+static void ngx_http_credits_release_orphan(
+    ngx_http_credits_batch_item_t *item);
 static void ngx_http_credits_wait_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_credits_send_settle(ngx_str_t *keys,
     ngx_str_t *member, ngx_int_t charged, ngx_uint_t status,
     const char *outcome);
-static void ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
-    redisReply *reply);
+static void ngx_http_credits_settle_handler(
+    ngx_http_credits_batch_item_t *item, redisReply *reply);
 static ngx_int_t ngx_http_credits_script_init(ngx_http_credits_script_t *s);
 
 
@@ -110,9 +115,7 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_loc_conf_t *lcf)
 {
     u_char                        ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
-    ngx_int_t                     rc;
-    const char                   *argv[7];
-    size_t                        argvlen[7];
+    ngx_str_t                     args[3];
     ngx_http_credits_main_conf_t *cmcf;
 
     if (ngx_http_credits_hold_args(r, ctx) != NGX_OK) {
@@ -120,29 +123,19 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return NGX_OK;
     }
 
-    /* numkeys, balance, holds, ledger; member, price, ttl */
+    /* member, price, ttl */
 
-    argv[0] = "3";
-    argvlen[0] = 1;
-    argv[1] = (const char *) ctx->keys[0].data;
-    argvlen[1] = ctx->keys[0].len;
-    argv[2] = (const char *) ctx->keys[1].data;
-    argvlen[2] = ctx->keys[1].len;
-    argv[3] = (const char *) ctx->keys[2].data;
-    argvlen[3] = ctx->keys[2].len;
-    argv[4] = (const char *) ctx->member.data;
-    argvlen[4] = ctx->member.len;
-    argv[5] = (const char *) price;
-    argvlen[5] = ngx_sprintf(price, "%i", ctx->price) - price;
-    argv[6] = (const char *) ttl;
-    argvlen[6] = ngx_sprintf(ttl, "%M", lcf->hold_ttl) - ttl;
+    args[0] = ctx->member;
+    args[1].data = price;
+    args[1].len = ngx_sprintf(price, "%i", ctx->price) - price;
+    args[2].data = ttl;
+    args[2].len = ngx_sprintf(ttl, "%M", lcf->hold_ttl) - ttl;
 
-    rc = ngx_http_credits_redis_command(&ngx_http_credits_hold_script, 7,
-                                        argv, argvlen,
-                                        ngx_http_credits_hold_handler,
-                                        ctx, &ctx->cmd);
+    ctx->item = ngx_http_credits_batch_add(&ngx_http_credits_hold_script,
+                                           ctx->keys, args, 3,
+                                           ngx_http_credits_hold_handler, ctx);
 
-    if (rc != NGX_OK) {
+    if (ctx->item == NULL) {
         ngx_http_credits_hold_failed(ctx, r->connection->log,
                                      "redis not connected", NULL);
         return NGX_OK;
@@ -214,7 +207,10 @@ ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 }
 
 
-/* {1, balance}: placed; {0, balance}: too low; anything else is an error */
+/*
+ * {1, balance}: placed; {0, balance}: too low; anything else, such as
+ * {-1, balance} (a hold with that id exists), is an error
+ */
 
 ngx_int_t
 ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance)
@@ -238,28 +234,28 @@ ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance)
 
 
 static void
-ngx_http_credits_hold_handler(ngx_http_credits_redis_cmd_t *cmd,
+ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply)
 {
     ngx_int_t                rc, balance;
     ngx_str_t                err;
-    ngx_http_credits_ctx_t  *ctx = cmd->data;
+    ngx_http_credits_ctx_t  *ctx = item->data;
 
     rc = ngx_http_credits_hold_reply(reply, &balance);
 
     if (ctx == NULL) {
         /* the request timed out or is gone: undo a hold that was placed */
         if (rc == NGX_OK) {
-            ngx_http_credits_release_orphan(cmd);
+            ngx_http_credits_release_orphan(item);
         }
 
         return;
     }
 
-    ctx->cmd = NULL;
+    ctx->item = NULL;
     ctx->waiting = 0;
 
-    ngx_http_credits_count_latency(ngx_current_msec - cmd->start);
+    ngx_http_credits_count_latency(ngx_current_msec - item->start);
 
     switch (rc) {
 
@@ -327,9 +323,9 @@ ngx_http_credits_wait_handler(ngx_event_t *ev)
     c = r->connection;
 
     if (ctx->waiting) {
-        /* no reply in time: the command's reply, if any, finds no one */
-        ctx->cmd->data = NULL;
-        ctx->cmd = NULL;
+        /* no reply in time: the item's reply, if any, finds no one */
+        ctx->item->data = NULL;
+        ctx->item = NULL;
         ctx->waiting = 0;
 
         ngx_http_credits_hold_failed(ctx, c->log, "hold timed out", NULL);
@@ -343,33 +339,24 @@ ngx_http_credits_wait_handler(ngx_event_t *ev)
 }
 
 
-/* the command still carries the hold's keys and member: release it */
+/* the item still carries the hold's keys and member: release it */
 
 static void
-ngx_http_credits_release_orphan(ngx_http_credits_redis_cmd_t *cmd)
+ngx_http_credits_release_orphan(ngx_http_credits_batch_item_t *item)
 {
-    ngx_int_t  i;
-    ngx_str_t  keys[3], member;
-
-    /* EVALSHA sha 3 key key key member price ttl */
-    for (i = 0; i < 3; i++) {
-        keys[i].data = (u_char *) cmd->argv[3 + i];
-        keys[i].len = cmd->argvlen[3 + i];
-    }
-
-    member.data = (u_char *) cmd->argv[6];
-    member.len = cmd->argvlen[6];
+    ngx_str_t  *member = &item->args[0];
 
     ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                   "credits: hold \"%V\" was placed after its request gave up "
-                  "waiting: releasing it", &member);
+                  "waiting: releasing it", member);
 
-    if (ngx_http_credits_send_settle(keys, &member, 0, 0, "release")
+    if (ngx_http_credits_send_settle(ngx_http_credits_batch_keys(item),
+                                     member, 0, 0, "release")
         != NGX_OK)
     {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "credits: cannot release hold \"%V\": it will expire",
-                      &member);
+                      member);
     }
 }
 
@@ -436,32 +423,28 @@ static ngx_int_t
 ngx_http_credits_send_settle(ngx_str_t *keys, ngx_str_t *member,
     ngx_int_t charged, ngx_uint_t status, const char *outcome)
 {
-    u_char       ch[NGX_INT_T_LEN], st[NGX_INT_T_LEN];
-    ngx_int_t    i;
-    const char  *argv[8];
-    size_t       argvlen[8];
+    u_char     ch[NGX_INT_T_LEN], st[NGX_INT_T_LEN];
+    ngx_str_t  args[4];
 
-    argv[0] = "3";
-    argvlen[0] = 1;
+    /* member, charged, status, outcome */
 
-    for (i = 0; i < 3; i++) {
-        argv[1 + i] = (const char *) keys[i].data;
-        argvlen[1 + i] = keys[i].len;
+    args[0] = *member;
+    args[1].data = ch;
+    args[1].len = ngx_sprintf(ch, "%i", charged) - ch;
+    args[2].data = st;
+    args[2].len = ngx_sprintf(st, "%ui", status) - st;
+    args[3].data = (u_char *) outcome;
+    args[3].len = ngx_strlen(outcome);
+
+    if (ngx_http_credits_batch_add(&ngx_http_credits_settle_script, keys,
+                                   args, 4, ngx_http_credits_settle_handler,
+                                   NULL)
+        == NULL)
+    {
+        return NGX_DECLINED;
     }
 
-    argv[4] = (const char *) member->data;
-    argvlen[4] = member->len;
-    argv[5] = (const char *) ch;
-    argvlen[5] = ngx_sprintf(ch, "%i", charged) - ch;
-    argv[6] = (const char *) st;
-    argvlen[6] = ngx_sprintf(st, "%ui", status) - st;
-    argv[7] = outcome;
-    argvlen[7] = ngx_strlen(outcome);
-
-    return ngx_http_credits_redis_command(&ngx_http_credits_settle_script, 8,
-                                          argv, argvlen,
-                                          ngx_http_credits_settle_handler,
-                                          NULL, NULL);
+    return NGX_OK;
 }
 
 
@@ -486,18 +469,18 @@ ngx_http_credits_settle_reply(redisReply *reply)
 
 
 static void
-ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
+ngx_http_credits_settle_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply)
 {
-    ngx_str_t   member, err;
+    ngx_str_t   member, err, *outcome;
     ngx_int_t   rc, held, charged, commit;
     ngx_uint_t  level;
     u_char     *p, *last;
 
-    /* EVALSHA sha 3 key key key member charged status outcome */
-    member.data = (u_char *) cmd->argv[6];
-    member.len = cmd->argvlen[6];
-    commit = (cmd->argv[9][0] == 'c');
+    /* member, charged, status, outcome */
+    member = item->args[0];
+    outcome = &item->args[3];
+    commit = (outcome->data[0] == 'c');
 
     rc = ngx_http_credits_settle_reply(reply);
 
@@ -513,9 +496,8 @@ ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
         level = commit ? NGX_LOG_WARN : NGX_LOG_INFO;
 
         ngx_log_error(level, ngx_cycle->log, 0,
-                      "credits: hold \"%V\" had expired before its %*s: "
-                      "nothing charged", &member, cmd->argvlen[9],
-                      cmd->argv[9]);
+                      "credits: hold \"%V\" had expired before its %V: "
+                      "nothing charged", &member, outcome);
         ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_EXPIRED);
         return;
     }
@@ -530,7 +512,7 @@ ngx_http_credits_settle_handler(ngx_http_credits_redis_cmd_t *cmd,
         held = last ? ngx_atoi(p + 1, last - p - 1) : 0;
     }
 
-    charged = ngx_atoi((u_char *) cmd->argv[7], cmd->argvlen[7]);
+    charged = ngx_atoi(item->args[1].data, item->args[1].len);
 
     if (held < 0 || charged < 0 || charged > held) {
         return;

@@ -610,10 +610,10 @@ ngx_http_credits_cleanup(void *data)
         ngx_delete_posted_event(&ctx->wait);
     }
 
-    if (ctx->cmd) {
+    if (ctx->item) {
         /* the hold's reply will find nobody waiting and undo the hold */
-        ctx->cmd->data = NULL;
-        ctx->cmd = NULL;
+        ctx->item->data = NULL;
+        ctx->item = NULL;
     }
 
     if (ctx->held && !ctx->settled) {
@@ -1138,5 +1138,7 @@ ngx_http_credits_init_process(ngx_cycle_t *cycle)
 static void
 ngx_http_credits_exit_process(ngx_cycle_t *cycle)
 {
+    /* batches not sent yet fail with the connection: their holds expire */
+    ngx_http_credits_batch_flush();
     ngx_http_credits_redis_exit();
 }

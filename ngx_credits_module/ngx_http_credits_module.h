@@ -90,6 +90,11 @@ typedef struct {
 #define NGX_HTTP_CREDITS_ON_FAIL_CLOSE  1
 #define NGX_HTTP_CREDITS_ON_FAIL_OPEN   2
 
+/* the worker's connection to Redis */
+#define NGX_HTTP_CREDITS_REDIS_DOWN        0
+#define NGX_HTTP_CREDITS_REDIS_CONNECTING  1
+#define NGX_HTTP_CREDITS_REDIS_UP          2
+
 
 typedef struct ngx_http_credits_redis_cmd_s  ngx_http_credits_redis_cmd_t;
 
@@ -119,11 +124,31 @@ struct ngx_http_credits_redis_cmd_s {
 };
 
 
+typedef struct ngx_http_credits_batch_s       ngx_http_credits_batch_t;
+typedef struct ngx_http_credits_batch_item_s  ngx_http_credits_batch_item_t;
+
+typedef void (*ngx_http_credits_batch_handler_pt)(
+    ngx_http_credits_batch_item_t *item, redisReply *reply);
+
+
+/* one hold or settle in a batch; the handler runs exactly once, with the
+ * item's element of the reply (NULL when the connection was lost) */
+struct ngx_http_credits_batch_item_s {
+    ngx_http_credits_batch_item_t      *next;
+    ngx_http_credits_batch_t           *batch;
+    ngx_http_credits_batch_handler_pt   handler;
+    void                               *data;    /* NULL: caller is gone */
+    ngx_msec_t                          start;
+    ngx_uint_t                          nargs;
+    ngx_str_t                           args[4]; /* copies, after the item */
+};
+
+
 /* one per metered main request, kept in a pool cleanup so that it survives
  * internal redirects (which zero r->ctx) */
 typedef struct {
     ngx_http_request_t             *request;
-    ngx_http_credits_redis_cmd_t   *cmd;          /* hold in flight */
+    ngx_http_credits_batch_item_t  *item;         /* hold in flight */
     ngx_event_t                     wait;         /* hold timeout and resume */
 
     ngx_str_t                       project;
@@ -188,6 +213,15 @@ ngx_int_t ngx_http_credits_redis_command(ngx_http_credits_script_t *script,
 ngx_uint_t ngx_http_credits_redis_state(void);
 ngx_uint_t ngx_http_credits_redis_reconnects(void);
 const char *ngx_http_credits_reply_error(redisReply *reply, ngx_str_t *err);
+
+/* batches of one project's holds or settles */
+ngx_http_credits_batch_item_t *ngx_http_credits_batch_add(
+    ngx_http_credits_script_t *script, ngx_str_t *keys, ngx_str_t *args,
+    ngx_uint_t nargs, ngx_http_credits_batch_handler_pt handler, void *data);
+void ngx_http_credits_batch_flush(void);
+redisReply *ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n,
+    ngx_uint_t i);
+ngx_str_t *ngx_http_credits_batch_keys(ngx_http_credits_batch_item_t *item);
 
 /* hold and settle */
 extern ngx_http_credits_script_t  *ngx_http_credits_scripts[];

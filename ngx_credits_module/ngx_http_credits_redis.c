@@ -25,10 +25,6 @@
 #include <hiredis/async.h>
 
 
-#define NGX_HTTP_CREDITS_REDIS_DOWN        0
-#define NGX_HTTP_CREDITS_REDIS_CONNECTING  1
-#define NGX_HTTP_CREDITS_REDIS_UP          2
-
 #define NGX_HTTP_CREDITS_BACKOFF_MIN       100
 #define NGX_HTTP_CREDITS_BACKOFF_MAX       5000
 

@@ -1,22 +1,47 @@
--- Places a hold: ARGV = member, price, ttl (ms).
--- Returns {1, balance after the hold} or {0, balance} when it is too low.
+-- Places the holds of one project, in order: ARGV = member, price, ttl (ms)
+-- for each hold.  Returns one {code, balance} per hold: 1 placed (balance
+-- after it), 0 balance too low, -1 a hold with that id exists already.
 
-local price = tonumber(ARGV[2])
+if #ARGV == 0 or #ARGV % 3 ~= 0 then
+    return redis.error_reply('hold: ARGV is not member, price, ttl triples')
+end
+
+-- every argument is checked before anything is written: an error raised
+-- half way would keep the holds placed so far without their debit
+for i = 1, #ARGV, 3 do
+    if not tonumber(ARGV[i + 1]) or not tonumber(ARGV[i + 2]) then
+        return redis.error_reply('hold: price or ttl is not a number')
+    end
+end
+
 local balance = tonumber(redis.call('GET', balance_key) or '0')
 
 if balance == nil then
     return redis.error_reply('balance of ' .. balance_key .. ' is not a number')
 end
 
-if balance < price then
-    return {0, balance}
+local replies, debit = {}, 0
+
+for i = 1, #ARGV, 3 do
+    local price = tonumber(ARGV[i + 1])
+
+    if balance < price then
+        replies[#replies + 1] = {0, balance}
+
+    -- NX: a hold id is never reused, so the balance is never debited twice
+    elseif redis.call('ZADD', holds_key, 'NX', now + tonumber(ARGV[i + 2]),
+                      ARGV[i]) == 0 then
+        replies[#replies + 1] = {-1, balance}
+
+    else
+        balance = balance - price
+        debit = debit + price
+        replies[#replies + 1] = {1, balance}
+    end
 end
 
--- NX: a hold id is never reused, so the balance is never debited twice
-if redis.call('ZADD', holds_key, 'NX', now + tonumber(ARGV[3]), ARGV[1]) == 0 then
-    return redis.error_reply('hold ' .. ARGV[1] .. ' exists already')
+if debit > 0 then
+    redis.call('DECRBY', balance_key, debit)
 end
 
-redis.call('DECRBY', balance_key, price)
-
-return {1, balance - price}
+return replies

@@ -1,21 +1,36 @@
--- Settles a hold: ARGV = member, charged, status, outcome (commit|release).
--- Charges min(charged, held), refunds the rest and writes the ledger entry.
--- Returns 1, or 0 when the hold is gone (it expired and was refunded, or
--- was settled already): a settle never charges or refunds twice.
+-- Settles holds of one project: ARGV = member, charged, status, outcome
+-- (commit|release) for each hold.  Each is charged min(charged, held), the
+-- rest refunded, and gets its ledger entry.  Returns one integer per hold:
+-- 1, or 0 when the hold is gone (it expired and was refunded, or was
+-- settled already): a settle never charges or refunds twice.
 
-if redis.call('ZREM', holds_key, ARGV[1]) == 0 then
-    return 0
+if #ARGV == 0 or #ARGV % 4 ~= 0 then
+    return redis.error_reply('settle: ARGV is not member, charged, status, '
+                             .. 'outcome quadruples')
 end
 
-local id, held, route = parse_hold(ARGV[1])
-local charged = math.min(tonumber(ARGV[2]) or held, held)
+local replies = {}
 
-if held > charged then
-    redis.call('INCRBY', balance_key, held - charged)
+for i = 1, #ARGV, 4 do
+    local member = ARGV[i]
+
+    if redis.call('ZREM', holds_key, member) == 0 then
+        replies[#replies + 1] = 0
+
+    else
+        local id, held, route = parse_hold(member)
+        local charged = math.min(tonumber(ARGV[i + 1]) or held, held)
+
+        if held > charged then
+            redis.call('INCRBY', balance_key, held - charged)
+        end
+
+        redis.call('XADD', ledger_key, '*', 'route', route, 'held', held,
+                   'charged', charged, 'status', ARGV[i + 2],
+                   'outcome', ARGV[i + 3], 'request_id', id, 'ts', now)
+
+        replies[#replies + 1] = 1
+    end
 end
 
-redis.call('XADD', ledger_key, '*', 'route', route, 'held', held,
-           'charged', charged, 'status', ARGV[3], 'outcome', ARGV[4],
-           'request_id', id, 'ts', now)
-
-return 1
+return replies

@@ -1,0 +1,335 @@
+
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ *
+ * Batches: the holds (or the settles) of one project issued during one
+ * event loop iteration go to Redis as one script call.
+ *
+ * A script call costs Redis a fixed few microseconds before its first key
+ * operation (the call itself, the lazy expiry of the project's holds), and
+ * Redis answers a pipelined burst only once it has run all of it, so every
+ * request in the burst waits for every script in it.  One call per
+ * project and iteration pays the fixed part once and keeps the burst short.
+ * A call only ever touches one project's keys, so a batch stays within one
+ * Redis Cluster hash slot, and the script runs each item in order exactly
+ * as separate calls would.
+ *
+ * An item owns copies of its arguments: it outlives its request when the
+ * request gives up waiting (item->data is then NULL) and a settle is
+ * issued from a pool that is being destroyed.  The batch is sent by a
+ * posted event, still in the iteration that filled it.
+ */
+
+
+#include "ngx_http_credits_module.h"
+
+
+#define NGX_HTTP_CREDITS_BATCH_MAX      64     /* items per script call */
+#define NGX_HTTP_CREDITS_BATCH_BUCKETS  64     /* open batches, by project */
+#define NGX_HTTP_CREDITS_BATCH_ARGS     4      /* per item, at most */
+
+
+struct ngx_http_credits_batch_s {
+    ngx_http_credits_batch_t          *next;      /* in its bucket */
+    ngx_http_credits_batch_t          *queued;    /* to be sent */
+    ngx_http_credits_script_t         *script;
+    ngx_str_t                          keys[3];   /* balance, holds, ledger */
+    ngx_uint_t                         nitems;
+    ngx_http_credits_batch_item_t     *items;
+    ngx_http_credits_batch_item_t    **last;
+};
+
+
+static ngx_http_credits_batch_t **ngx_http_credits_batch_bucket(
+    ngx_str_t *keys);
+static ngx_http_credits_batch_t *ngx_http_credits_batch_open(
+    ngx_http_credits_script_t *script, ngx_str_t *keys);
+static void ngx_http_credits_batch_send_handler(ngx_event_t *ev);
+static void ngx_http_credits_batch_send(ngx_http_credits_batch_t *b);
+static void ngx_http_credits_batch_reply(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply);
+static void ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b,
+    redisReply *reply);
+
+
+static ngx_http_credits_batch_t  *ngx_http_credits_batch_buckets[
+                                             NGX_HTTP_CREDITS_BATCH_BUCKETS];
+static ngx_http_credits_batch_t  *ngx_http_credits_batch_queue;
+static ngx_event_t                ngx_http_credits_batch_event;
+
+/* what an item gets when the reply is not one element per item */
+static redisReply  ngx_http_credits_batch_bad_reply = {
+    REDIS_REPLY_ERROR, 0, sizeof("unexpected reply") - 1,
+    "unexpected reply", 0, NULL
+};
+
+
+/*
+ * Adds an item to the open batch of the script and project (keys[0] names
+ * the project), opening one if needed.  Returns NULL, and never calls the
+ * handler, when Redis is not connected or memory is short.
+ */
+
+ngx_http_credits_batch_item_t *
+ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
+    ngx_str_t *args, ngx_uint_t nargs,
+    ngx_http_credits_batch_handler_pt handler, void *data)
+{
+    u_char                         *p;
+    size_t                          size;
+    ngx_uint_t                      i;
+    ngx_http_credits_batch_t       *b, **bp;
+    ngx_http_credits_batch_item_t  *item;
+
+    if (ngx_http_credits_redis_state() == NGX_HTTP_CREDITS_REDIS_DOWN
+        || nargs > NGX_HTTP_CREDITS_BATCH_ARGS)
+    {
+        return NULL;
+    }
+
+    size = sizeof(ngx_http_credits_batch_item_t);
+
+    for (i = 0; i < nargs; i++) {
+        size += args[i].len;
+    }
+
+    item = ngx_alloc(size, ngx_cycle->log);
+    if (item == NULL) {
+        return NULL;
+    }
+
+    b = ngx_http_credits_batch_open(script, keys);
+    if (b == NULL) {
+        ngx_free(item);
+        return NULL;
+    }
+
+    item->next = NULL;
+    item->batch = b;
+    item->handler = handler;
+    item->data = data;
+    item->start = ngx_current_msec;
+    item->nargs = nargs;
+
+    p = (u_char *) (item + 1);
+
+    for (i = 0; i < nargs; i++) {
+        item->args[i].data = p;
+        item->args[i].len = args[i].len;
+        p = ngx_cpymem(p, args[i].data, args[i].len);
+    }
+
+    *b->last = item;
+    b->last = &item->next;
+
+    if (++b->nitems == NGX_HTTP_CREDITS_BATCH_MAX) {
+        /* full: it stays queued, the next item opens another */
+        for (bp = ngx_http_credits_batch_bucket(keys); *bp != b;
+             bp = &(*bp)->next)
+        {
+            /* void */
+        }
+
+        *bp = b->next;
+    }
+
+    return item;
+}
+
+
+static ngx_http_credits_batch_t **
+ngx_http_credits_batch_bucket(ngx_str_t *keys)
+{
+    return &ngx_http_credits_batch_buckets[ngx_hash_key(keys[0].data,
+                                                        keys[0].len)
+                                           % NGX_HTTP_CREDITS_BATCH_BUCKETS];
+}
+
+
+static ngx_http_credits_batch_t *
+ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
+    ngx_str_t *keys)
+{
+    u_char                     *p;
+    size_t                      size;
+    ngx_uint_t                  i;
+    ngx_http_credits_batch_t   *b, **bucket;
+
+    bucket = ngx_http_credits_batch_bucket(keys);
+
+    for (b = *bucket; b; b = b->next) {
+        if (b->script == script
+            && b->keys[0].len == keys[0].len
+            && ngx_memcmp(b->keys[0].data, keys[0].data, keys[0].len) == 0)
+        {
+            return b;
+        }
+    }
+
+    size = sizeof(ngx_http_credits_batch_t);
+
+    for (i = 0; i < 3; i++) {
+        size += keys[i].len;
+    }
+
+    b = ngx_alloc(size, ngx_cycle->log);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    b->script = script;
+    b->nitems = 0;
+    b->items = NULL;
+    b->last = &b->items;
+
+    p = (u_char *) (b + 1);
+
+    for (i = 0; i < 3; i++) {
+        b->keys[i].data = p;
+        b->keys[i].len = keys[i].len;
+        p = ngx_cpymem(p, keys[i].data, keys[i].len);
+    }
+
+    b->next = *bucket;
+    *bucket = b;
+
+    b->queued = ngx_http_credits_batch_queue;
+    ngx_http_credits_batch_queue = b;
+
+    if (!ngx_http_credits_batch_event.posted) {
+        ngx_http_credits_batch_event.handler =
+                                        ngx_http_credits_batch_send_handler;
+        ngx_http_credits_batch_event.log = ngx_cycle->log;
+        ngx_post_event(&ngx_http_credits_batch_event, &ngx_posted_events);
+    }
+
+    return b;
+}
+
+
+/* sends every open batch; also before the worker exits */
+
+void
+ngx_http_credits_batch_flush(void)
+{
+    ngx_http_credits_batch_t  *b, *next;
+
+    if (ngx_http_credits_batch_event.posted) {
+        ngx_delete_posted_event(&ngx_http_credits_batch_event);
+    }
+
+    /* handlers may open new batches while these are sent: detach first */
+    b = ngx_http_credits_batch_queue;
+    ngx_http_credits_batch_queue = NULL;
+    ngx_memzero(ngx_http_credits_batch_buckets,
+                sizeof(ngx_http_credits_batch_buckets));
+
+    while (b) {
+        next = b->queued;
+        ngx_http_credits_batch_send(b);
+        b = next;
+    }
+}
+
+
+static void
+ngx_http_credits_batch_send_handler(ngx_event_t *ev)
+{
+    ngx_http_credits_batch_flush();
+}
+
+
+static void
+ngx_http_credits_batch_send(ngx_http_credits_batch_t *b)
+{
+    int                             argc;
+    ngx_uint_t                      i;
+    ngx_http_credits_batch_item_t  *item;
+
+    static const char  *argv[4 + NGX_HTTP_CREDITS_BATCH_MAX
+                              * NGX_HTTP_CREDITS_BATCH_ARGS];
+    static size_t       argvlen[4 + NGX_HTTP_CREDITS_BATCH_MAX
+                                 * NGX_HTTP_CREDITS_BATCH_ARGS];
+
+    /* numkeys, balance, holds, ledger, then each item's arguments */
+
+    argv[0] = "3";
+    argvlen[0] = 1;
+
+    for (i = 0; i < 3; i++) {
+        argv[1 + i] = (const char *) b->keys[i].data;
+        argvlen[1 + i] = b->keys[i].len;
+    }
+
+    argc = 4;
+
+    for (item = b->items; item; item = item->next) {
+        for (i = 0; i < item->nargs; i++) {
+            argv[argc] = (const char *) item->args[i].data;
+            argvlen[argc++] = item->args[i].len;
+        }
+    }
+
+    if (ngx_http_credits_redis_command(b->script, argc, argv, argvlen,
+                                       ngx_http_credits_batch_reply, b, NULL)
+        != NGX_OK)
+    {
+        /* the connection went away since the items were added */
+        ngx_http_credits_batch_finish(b, NULL);
+    }
+}
+
+
+static void
+ngx_http_credits_batch_reply(ngx_http_credits_redis_cmd_t *cmd,
+    redisReply *reply)
+{
+    ngx_http_credits_batch_finish(cmd->data, reply);
+}
+
+
+/* every item's handler runs once, with its element of the reply */
+
+static void
+ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b, redisReply *reply)
+{
+    ngx_uint_t                      i;
+    ngx_http_credits_batch_item_t  *item, *next;
+
+    for (item = b->items, i = 0; item; item = next, i++) {
+        next = item->next;
+        item->handler(item, ngx_http_credits_batch_element(reply, b->nitems,
+                                                           i));
+        ngx_free(item);
+    }
+
+    ngx_free(b);
+}
+
+
+/*
+ * The reply for item i of n: its element of an array of n, or the reply
+ * itself when that is an error (or NULL: no connection), which then
+ * concerns every item.
+ */
+
+redisReply *
+ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n, ngx_uint_t i)
+{
+    if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+        return reply;
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != n || i >= n) {
+        return &ngx_http_credits_batch_bad_reply;
+    }
+
+    return reply->element[i];
+}
+
+
+ngx_str_t *
+ngx_http_credits_batch_keys(ngx_http_credits_batch_item_t *item)
+{
+    return item->batch->keys;
+}
