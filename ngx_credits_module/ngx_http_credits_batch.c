@@ -27,9 +27,11 @@
 #define NGX_HTTP_CREDITS_BATCH_MAX      64     /* items per script call */
 #define NGX_HTTP_CREDITS_BATCH_BUCKETS  64     /* open batches, by project */
 #define NGX_HTTP_CREDITS_BATCH_ARGS     4      /* per item, at most */
+#define NGX_HTTP_CREDITS_BATCH_POOL     4096
 
 
 struct ngx_http_credits_batch_s {
+    ngx_pool_t                        *pool;      /* the batch and its items */
     ngx_http_credits_batch_t          *next;      /* in its bucket */
     ngx_http_credits_batch_t          *queued;    /* to be sent */
     ngx_http_credits_script_t         *script;
@@ -93,14 +95,13 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
         size += args[i].len;
     }
 
-    item = ngx_alloc(size, ngx_cycle->log);
-    if (item == NULL) {
+    b = ngx_http_credits_batch_open(script, keys);
+    if (b == NULL) {
         return NULL;
     }
 
-    b = ngx_http_credits_batch_open(script, keys);
-    if (b == NULL) {
-        ngx_free(item);
+    item = ngx_palloc(b->pool, size);
+    if (item == NULL) {
         return NULL;
     }
 
@@ -153,6 +154,7 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     u_char                     *p;
     size_t                      size;
     ngx_uint_t                  i;
+    ngx_pool_t                 *pool;
     ngx_http_credits_batch_t   *b, **bucket;
 
     bucket = ngx_http_credits_batch_bucket(keys);
@@ -172,11 +174,19 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
         size += keys[i].len;
     }
 
-    b = ngx_alloc(size, ngx_cycle->log);
-    if (b == NULL) {
+    /* one allocation for a batch and its first items, most often all */
+    pool = ngx_create_pool(NGX_HTTP_CREDITS_BATCH_POOL, ngx_cycle->log);
+    if (pool == NULL) {
         return NULL;
     }
 
+    b = ngx_palloc(pool, size);
+    if (b == NULL) {
+        ngx_destroy_pool(pool);
+        return NULL;
+    }
+
+    b->pool = pool;
     b->script = script;
     b->nitems = 0;
     b->items = NULL;
@@ -300,10 +310,9 @@ ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b, redisReply *reply)
         next = item->next;
         item->handler(item, ngx_http_credits_batch_element(reply, b->nitems,
                                                            i));
-        ngx_free(item);
     }
 
-    ngx_free(b);
+    ngx_destroy_pool(b->pool);
 }
 
 
