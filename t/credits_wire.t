@@ -22,6 +22,7 @@ my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
     server {
         listen 127.0.0.1:%%PORT%%;
         add_header X-Hold $credits_hold_id always;
+        add_header X-Request-Id $request_id always;
 
         location /gen {
             credits on;
@@ -49,6 +50,15 @@ my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
             credits_price 2;
             credits_route slowup;
             proxy_read_timeout 300ms;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+
+        location /early {
+            set $early $request_id;
+            add_header X-Early $early always;
+            add_header X-Hold $credits_hold_id always;
+            credits on;
+            credits_route early;
             proxy_pass http://%%UPSTREAM%%;
         }
 
@@ -228,6 +238,23 @@ $redis->cmd('HSET', 'credits:prices', 'generate', 'cheap');
 $redis->cmd('HDEL', 'credits:prices', 'generate');
 ok wait_for(sub { (call('/gen', %auth)->{headers}{'x-credits-held'} // 0) == 5 }, 2.5),
     'HDEL restores the configured price within 2 s';
+
+# the hold id is $request_id, drawn from the worker's random buffer (4 KB:
+# 256 ids, so these requests cross a refill), or kept when set earlier
+$redis->cmd('INCRBY', 'credits:{wire}:balance', 10_000);
+my %seen;
+my $same = 0;
+for (1 .. 300) {
+    my $h = $ngx->get('/gen', %auth)->{headers};
+    $seen{ $h->{'x-hold'} // '' }++;
+    $same++ if ($h->{'x-hold'} // '') eq ($h->{'x-request-id'} // 'none');
+}
+is scalar(grep { /^[0-9a-f]{32}$/ } keys %seen), 300, '300 distinct 32-hex hold ids';
+is $same, 300, 'each is the request\'s $request_id';
+$r = call('/early', %auth);
+like $r->{headers}{'x-early'}, qr/^[0-9a-f]{32}$/, '$request_id evaluated before the hold';
+is $r->{headers}{'x-hold'}, $r->{headers}{'x-early'}, 'is kept as the hold id';
+ok wait_for(sub { $redis->cmd('ZCARD', 'credits:{wire}:holds') == 0 }, 5), 'all settled';
 
 # the invariant over everything above (start 100, then the SETs)
 is $redis->cmd('ZCARD', 'credits:{wire}:holds'), 0, 'no hold left open';
