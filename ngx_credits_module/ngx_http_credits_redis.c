@@ -64,6 +64,8 @@ static void ngx_http_credits_redis_setup(void);
 static void ngx_http_credits_redis_setup_reply(redisAsyncContext *ac,
     void *r, void *privdata);
 static ngx_int_t ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd);
+static u_char *ngx_http_credits_redis_length(u_char *p, u_char type,
+    size_t n);
 static void ngx_http_credits_redis_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_credits_redis_read_handler(ngx_event_t *ev);
@@ -400,7 +402,7 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
     cmd->argvlen = (size_t *) (cmd->argv + n);
     cmd->formatted = (u_char *) (cmd->argvlen + n);
 
-    p = ngx_sprintf(cmd->formatted, "*%d\r\n", n);
+    p = ngx_http_credits_redis_length(cmd->formatted, '*', n);
 
     for (i = -(script ? 2 : 0); i < argc; i++) {
 
@@ -419,7 +421,7 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
 
         size = cmd->argvlen[n - argc + i];
 
-        p = ngx_sprintf(p, "$%uz\r\n", size);
+        p = ngx_http_credits_redis_length(p, '$', size);
         cmd->argv[n - argc + i] = (const char *) p;
         p = ngx_cpymem(p, arg, size);
         *p++ = '\r';
@@ -438,6 +440,29 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
     }
 
     return NGX_OK;
+}
+
+
+/* "*n\r\n" or "$n\r\n": every argument has one, ngx_sprintf() is slow */
+
+static u_char *
+ngx_http_credits_redis_length(u_char *p, u_char type, size_t n)
+{
+    u_char  digits[NGX_SIZE_T_LEN], *d;
+
+    d = digits + NGX_SIZE_T_LEN;
+
+    do {
+        *--d = (u_char) ('0' + n % 10);
+        n /= 10;
+    } while (n);
+
+    *p++ = type;
+    p = ngx_cpymem(p, d, digits + NGX_SIZE_T_LEN - d);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
 }
 
 
