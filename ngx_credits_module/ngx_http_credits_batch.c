@@ -44,6 +44,9 @@ struct ngx_http_credits_batch_s {
 
 static ngx_http_credits_batch_t **ngx_http_credits_batch_bucket(
     ngx_str_t *keys);
+static size_t ngx_http_credits_batch_strs_size(ngx_str_t *strs, ngx_uint_t n);
+static void ngx_http_credits_batch_copy_strs(ngx_str_t *dst, ngx_str_t *src,
+    ngx_uint_t n, u_char *p);
 static ngx_http_credits_batch_t *ngx_http_credits_batch_open(
     ngx_http_credits_script_t *script, ngx_str_t *keys);
 static void ngx_http_credits_batch_send_handler(ngx_event_t *ev);
@@ -77,9 +80,7 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
     ngx_str_t *args, ngx_uint_t nargs,
     ngx_http_credits_batch_handler_pt handler, void *data)
 {
-    u_char                         *p;
     size_t                          size;
-    ngx_uint_t                      i;
     ngx_http_credits_batch_t       *b, **bp;
     ngx_http_credits_batch_item_t  *item;
 
@@ -89,11 +90,8 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
         return NULL;
     }
 
-    size = sizeof(ngx_http_credits_batch_item_t);
-
-    for (i = 0; i < nargs; i++) {
-        size += args[i].len;
-    }
+    size = sizeof(ngx_http_credits_batch_item_t)
+           + ngx_http_credits_batch_strs_size(args, nargs);
 
     b = ngx_http_credits_batch_open(script, keys);
     if (b == NULL) {
@@ -112,13 +110,8 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
     item->start = ngx_current_msec;
     item->nargs = nargs;
 
-    p = (u_char *) (item + 1);
-
-    for (i = 0; i < nargs; i++) {
-        item->args[i].data = p;
-        item->args[i].len = args[i].len;
-        p = ngx_cpymem(p, args[i].data, args[i].len);
-    }
+    ngx_http_credits_batch_copy_strs(item->args, args, nargs,
+                                     (u_char *) (item + 1));
 
     *b->last = item;
     b->last = &item->next;
@@ -147,13 +140,46 @@ ngx_http_credits_batch_bucket(ngx_str_t *keys)
 }
 
 
+static size_t
+ngx_http_credits_batch_strs_size(ngx_str_t *strs, ngx_uint_t n)
+{
+    size_t      size;
+    ngx_uint_t  i;
+
+    size = 0;
+
+    for (i = 0; i < n; i++) {
+        size += strs[i].len;
+    }
+
+    return size;
+}
+
+
+/*
+ * Copies the strings into the batch's pool (at p, sized by strs_size()):
+ * a request's strings may be gone before its batch is sent.
+ */
+
+static void
+ngx_http_credits_batch_copy_strs(ngx_str_t *dst, ngx_str_t *src,
+    ngx_uint_t n, u_char *p)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < n; i++) {
+        dst[i].data = p;
+        dst[i].len = src[i].len;
+        p = ngx_cpymem(p, src[i].data, src[i].len);
+    }
+}
+
+
 static ngx_http_credits_batch_t *
 ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     ngx_str_t *keys)
 {
-    u_char                     *p;
     size_t                      size;
-    ngx_uint_t                  i;
     ngx_pool_t                 *pool;
     ngx_http_credits_batch_t   *b, **bucket;
 
@@ -168,11 +194,8 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
         }
     }
 
-    size = sizeof(ngx_http_credits_batch_t);
-
-    for (i = 0; i < 3; i++) {
-        size += keys[i].len;
-    }
+    size = sizeof(ngx_http_credits_batch_t)
+           + ngx_http_credits_batch_strs_size(keys, 3);
 
     /* one allocation for a batch and its first items, most often all */
     pool = ngx_create_pool(NGX_HTTP_CREDITS_BATCH_POOL, ngx_cycle->log);
@@ -192,13 +215,7 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     b->items = NULL;
     b->last = &b->items;
 
-    p = (u_char *) (b + 1);
-
-    for (i = 0; i < 3; i++) {
-        b->keys[i].data = p;
-        b->keys[i].len = keys[i].len;
-        p = ngx_cpymem(p, keys[i].data, keys[i].len);
-    }
+    ngx_http_credits_batch_copy_strs(b->keys, keys, 3, (u_char *) (b + 1));
 
     b->next = *bucket;
     *bucket = b;
