@@ -163,7 +163,8 @@ ngx_http_credits_add_header(ngx_http_request_t *r, const char *name,
     h->hash = 1;
     h->key.data = (u_char *) name;
     h->key.len = ngx_strlen(name);
-    h->value.len = ngx_sprintf(h->value.data, "%i", value) - h->value.data;
+    h->value.len = ngx_http_credits_write_int(h->value.data, value)
+                   - h->value.data;
 
     return NGX_OK;
 }

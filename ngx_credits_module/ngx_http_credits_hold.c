@@ -132,9 +132,10 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 
     args[0] = ctx->member;
     args[1].data = price;
-    args[1].len = ngx_sprintf(price, "%i", ctx->price) - price;
+    args[1].len = ngx_http_credits_write_int(price, ctx->price) - price;
     args[2].data = ttl;
-    args[2].len = ngx_sprintf(ttl, "%M", lcf->hold_ttl) - ttl;
+    args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
+                  - ttl;
 
     ctx->item = ngx_http_credits_batch_add(&ngx_http_credits_hold_script,
                                            ctx->keys, args, 3,
@@ -205,7 +206,12 @@ ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
     }
 
     ctx->member.data = p;
-    p = ngx_sprintf(p, "%V:%i:%V", &ctx->hold_id, ctx->price, &ctx->route);
+    /* "hold_id:price:route" */
+    p = ngx_cpymem(p, ctx->hold_id.data, ctx->hold_id.len);
+    *p++ = ':';
+    p = ngx_http_credits_write_int(p, ctx->price);
+    *p++ = ':';
+    p = ngx_cpymem(p, ctx->route.data, ctx->route.len);
     ctx->member.len = p - ctx->member.data;
 
     return NGX_OK;
@@ -493,9 +499,9 @@ ngx_http_credits_send_settle(ngx_str_t *keys, ngx_str_t *member,
 
     args[0] = *member;
     args[1].data = ch;
-    args[1].len = ngx_sprintf(ch, "%i", charged) - ch;
+    args[1].len = ngx_http_credits_write_int(ch, charged) - ch;
     args[2].data = st;
-    args[2].len = ngx_sprintf(st, "%ui", status) - st;
+    args[2].len = ngx_http_credits_write_int(st, (ngx_int_t) status) - st;
     args[3].data = (u_char *) outcome;
     args[3].len = ngx_strlen(outcome);
 

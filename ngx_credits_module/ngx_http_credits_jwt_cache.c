@@ -46,22 +46,35 @@ static void ngx_http_credits_jwt_cache_remove(
     ngx_http_credits_jwt_cache_t *cache, ngx_http_credits_jwt_entry_t *e);
 
 
-/* OpenSSL 3 looks the digest up on every EVP_sha256() call: once is enough */
+/*
+ * OpenSSL 3 looks the digest up on every EVP_sha256() call and EVP_Digest()
+ * allocates a context per call: the worker keeps one of each.
+ */
 
 ngx_int_t
 ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest)
 {
-    unsigned int     n;
-    static EVP_MD   *sha256;
+    unsigned int         n;
+    static EVP_MD       *sha256;
+    static EVP_MD_CTX   *ctx;
 
-    if (sha256 == NULL) {
+    if (ctx == NULL) {
         sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
-        if (sha256 == NULL) {
+        ctx = EVP_MD_CTX_new();
+
+        if (sha256 == NULL || ctx == NULL) {
+            EVP_MD_free(sha256);
+            EVP_MD_CTX_free(ctx);
+            sha256 = NULL;
+            ctx = NULL;
             return NGX_ERROR;
         }
     }
 
-    if (EVP_Digest(token->data, token->len, digest, &n, sha256, NULL) != 1) {
+    if (EVP_DigestInit_ex2(ctx, sha256, NULL) != 1
+        || EVP_DigestUpdate(ctx, token->data, token->len) != 1
+        || EVP_DigestFinal_ex(ctx, digest, &n) != 1)
+    {
         return NGX_ERROR;
     }
 

@@ -519,6 +519,36 @@ ngx_http_credits_parse_amount(u_char *p, size_t len)
 }
 
 
+/*
+ * n in decimal, at most NGX_INT_T_LEN bytes.  A request writes several
+ * numbers (script arguments, response headers); ngx_sprintf() would parse
+ * its format string for each.
+ */
+
+u_char *
+ngx_http_credits_write_int(u_char *p, ngx_int_t n)
+{
+    u_char      digits[NGX_INT_T_LEN], *d;
+    ngx_uint_t  u;
+
+    u = (ngx_uint_t) n;
+
+    if (n < 0) {
+        *p++ = '-';
+        u = -u;
+    }
+
+    d = digits + NGX_INT_T_LEN;
+
+    do {
+        *--d = (u_char) ('0' + u % 10);
+        u /= 10;
+    } while (u);
+
+    return ngx_cpymem(p, d, digits + NGX_INT_T_LEN - d);
+}
+
+
 static ngx_int_t
 ngx_http_credits_unauthorized(ngx_http_request_t *r, const char *reason)
 {
@@ -684,7 +714,7 @@ ngx_http_credits_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             return NGX_ERROR;
         }
 
-        s.len = ngx_sprintf(s.data, "%i", n) - s.data;
+        s.len = ngx_http_credits_write_int(s.data, n) - s.data;
     }
 
     if (s.len == 0) {

@@ -180,6 +180,7 @@ extern ngx_module_t  ngx_http_credits_module;
 /* module */
 ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
 ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
+u_char *ngx_http_credits_write_int(u_char *p, ngx_int_t n);
 
 /* jwt */
 char *ngx_http_credits_jwt_load_key(ngx_conf_t *cf,

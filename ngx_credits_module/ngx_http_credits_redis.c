@@ -443,22 +443,13 @@ ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
 }
 
 
-/* "*n\r\n" or "$n\r\n": every argument has one, ngx_sprintf() is slow */
+/* "*n\r\n" or "$n\r\n": every argument has one */
 
 static u_char *
 ngx_http_credits_redis_length(u_char *p, u_char type, size_t n)
 {
-    u_char  digits[NGX_SIZE_T_LEN], *d;
-
-    d = digits + NGX_SIZE_T_LEN;
-
-    do {
-        *--d = (u_char) ('0' + n % 10);
-        n /= 10;
-    } while (n);
-
     *p++ = type;
-    p = ngx_cpymem(p, d, digits + NGX_SIZE_T_LEN - d);
+    p = ngx_http_credits_write_int(p, (ngx_int_t) n);
     *p++ = '\r';
     *p++ = '\n';
 
