@@ -175,18 +175,18 @@ function _M.hold()
         ngx.log(ngx.ERR, 'hold failed: ', err)
         return ngx.exit(503)
     end
-    local r = reply[1]
-    if r[1] ~= 1 then
+    -- the script's flat reply: code, balance
+    if reply[1] ~= 1 then
         ngx.status = 402
         ngx.header['Content-Type'] = 'application/json'
         ngx.say('{"error":"insufficient_credits","required":', conf.price,
-                ',"balance":', r[2], '}')
+                ',"balance":', reply[2], '}')
         return ngx.exit(402)
     end
 
     ngx.ctx.hold = { keys = keys, member = member }
     ngx.header['X-Credits-Held'] = conf.price
-    ngx.header['X-Credits-Balance'] = r[2]
+    ngx.header['X-Credits-Balance'] = reply[2]
 end
 
 

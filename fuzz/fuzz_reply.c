@@ -43,7 +43,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     ngx_int_t     rc, balance;
     ngx_pool_t   *pool;
     redisReader  *reader;
-    redisReply   *reply, *item;
+    redisReply   *reply, *item, view;
     ngx_uint_t    n, i;
 
     fuzz_init();
@@ -68,15 +68,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         reply = r;
 
         /* a batch's reply split for 1 to 3 items, each part parsed the way
-         * a hold and a settle parse theirs */
+         * a hold (two elements each) and a settle (one) parse theirs */
         for (n = 1; n <= 3; n++) {
             for (i = 0; i < n; i++) {
-                item = ngx_http_credits_batch_element(reply, n, i);
+                item = ngx_http_credits_batch_element(reply, n, i, 2, &view);
 
                 rc = ngx_http_credits_hold_reply(item, &balance);
                 if (rc != NGX_ERROR && balance < 0) {
                     __builtin_trap();
                 }
+
+                item = ngx_http_credits_batch_element(reply, n, i, 1, &view);
 
                 (void) ngx_http_credits_settle_reply(item);
             }

@@ -62,7 +62,7 @@ static ngx_http_credits_batch_t  *ngx_http_credits_batch_buckets[
 static ngx_http_credits_batch_t  *ngx_http_credits_batch_queue;
 static ngx_event_t                ngx_http_credits_batch_event;
 
-/* what an item gets when the reply is not one element per item */
+/* what an item gets when the reply does not have its elements */
 static redisReply  ngx_http_credits_batch_bad_reply = {
     REDIS_REPLY_ERROR, 0, sizeof("unexpected reply") - 1,
     "unexpected reply", 0, NULL
@@ -315,18 +315,19 @@ ngx_http_credits_batch_reply(ngx_http_credits_redis_cmd_t *cmd,
 }
 
 
-/* every item's handler runs once, with its element of the reply */
+/* every item's handler runs once, with its part of the reply */
 
 static void
 ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b, redisReply *reply)
 {
     ngx_uint_t                      i;
+    redisReply                      view;
     ngx_http_credits_batch_item_t  *item, *next;
 
     for (item = b->items, i = 0; item; item = next, i++) {
         next = item->next;
-        item->handler(item, ngx_http_credits_batch_element(reply, b->nitems,
-                                                           i));
+        item->handler(item, ngx_http_credits_batch_element(reply, b->nitems, i,
+                                            b->script->reply_width, &view));
     }
 
     ngx_destroy_pool(b->pool);
@@ -334,23 +335,39 @@ ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b, redisReply *reply)
 
 
 /*
- * The reply for item i of n: its element of an array of n, or the reply
- * itself when that is an error (or NULL: no connection), which then
- * concerns every item.
+ * The reply for item i of n, when a script answers "width" elements per
+ * item in one flat array (Redis builds a flat array far faster than one
+ * array per item): the item's element, or for a width above 1 its
+ * elements seen as an array of their own, in *view, valid as long as the
+ * reply.  An error reply (or NULL: no connection) is returned as it is:
+ * it concerns every item.
  */
 
 redisReply *
-ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n, ngx_uint_t i)
+ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n, ngx_uint_t i,
+    ngx_uint_t width, redisReply *view)
 {
     if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         return reply;
     }
 
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != n || i >= n) {
+    if (reply->type != REDIS_REPLY_ARRAY
+        || i >= n
+        || reply->elements != n * width)
+    {
         return &ngx_http_credits_batch_bad_reply;
     }
 
-    return reply->element[i];
+    if (width == 1) {
+        return reply->element[i];
+    }
+
+    ngx_memzero(view, sizeof(redisReply));
+    view->type = REDIS_REPLY_ARRAY;
+    view->elements = width;
+    view->element = &reply->element[i * width];
+
+    return view;
 }
 
 

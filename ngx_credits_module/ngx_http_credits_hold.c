@@ -55,6 +55,7 @@ static ngx_http_credits_script_t  ngx_http_credits_hold_script = {
     ngx_string("hold"),
     { sizeof(ngx_http_credits_hold_lua) - 1,
       (u_char *) ngx_http_credits_hold_lua },
+    2,
     ""
 };
 
@@ -62,6 +63,7 @@ static ngx_http_credits_script_t  ngx_http_credits_settle_script = {
     ngx_string("settle"),
     { sizeof(ngx_http_credits_settle_lua) - 1,
       (u_char *) ngx_http_credits_settle_lua },
+    1,
     ""
 };
 
@@ -277,6 +279,7 @@ ngx_http_credits_request_id(ngx_http_request_t *r, ngx_int_t index)
 
 
 /*
+ * A hold's part of the batch's reply, seen as an array:
  * {1, balance}: placed; {0, balance}: too low; anything else, such as
  * {-1, balance} (a hold with that id exists), is an error
  */

@@ -105,6 +105,7 @@ typedef void (*ngx_http_credits_redis_handler_pt)(
 typedef struct {
     ngx_str_t                   name;
     ngx_str_t                   body;
+    ngx_uint_t                  reply_width;  /* elements per batch item */
     u_char                      sha1[41];
 } ngx_http_credits_script_t;
 
@@ -221,7 +222,7 @@ ngx_http_credits_batch_item_t *ngx_http_credits_batch_add(
     ngx_uint_t nargs, ngx_http_credits_batch_handler_pt handler, void *data);
 void ngx_http_credits_batch_flush(void);
 redisReply *ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n,
-    ngx_uint_t i);
+    ngx_uint_t i, ngx_uint_t width, redisReply *view);
 ngx_str_t *ngx_http_credits_batch_keys(ngx_http_credits_batch_item_t *item);
 
 /* hold and settle */

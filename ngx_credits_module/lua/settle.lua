@@ -19,15 +19,23 @@ for i = 1, #ARGV, 4 do
 
     else
         local id, held, route = parse_hold(member)
-        local charged = math.min(tonumber(ARGV[i + 1]) or held, held)
+        local charged = ARGV[i + 1]
 
-        if held > charged then
-            redis.call('INCRBY', balance_key, held - charged)
+        -- a whole number from 0 to held, else held
+        if charged ~= held then
+            local n = tonumber(charged)
+            n = n and math.max(0, math.min(math.floor(n), tonumber(held)))
+                  or tonumber(held)
+            charged = int(n)
+
+            if n < tonumber(held) then
+                redis.call('INCRBY', balance_key, int(tonumber(held) - n))
+            end
         end
 
         redis.call('XADD', ledger_key, '*', 'route', route, 'held', held,
                    'charged', charged, 'status', ARGV[i + 2],
-                   'outcome', ARGV[i + 3], 'request_id', id, 'ts', now)
+                   'outcome', ARGV[i + 3], 'request_id', id, 'ts', now_ms)
 
         replies[#replies + 1] = 1
     end

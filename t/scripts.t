@@ -1,0 +1,96 @@
+# The hold and settle scripts run directly in a real Redis, the way nginx
+# loads them (the shared head, then the script): the shape of the hold
+# batch's flat reply, what a settle makes of every kind of charged
+# argument, the expiry step, and that the books balance after all of it.
+use strict;
+use warnings;
+use Test::More;
+use lib 't/lib';
+use CreditsTest;
+
+test_dir();
+my $lua = 'ngx_credits_module/lua';
+my $head = CreditsTest::slurp("$lua/expire.lua");
+my $redis = CreditsTest::Redis->start;
+my %sha = map { ($_ => $redis->cmd('SCRIPT', 'LOAD',
+                                   $head . CreditsTest::slurp("$lua/$_.lua"))) }
+              qw(hold settle);
+
+my $p = 'scripts';
+my @keys = map { "credits:{$p}:$_" } qw(balance holds ledger);
+my $start = 20;
+$redis->cmd('SET', $keys[0], $start);
+
+sub hold { $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, @_) }
+sub settle { $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, @_) }
+sub entry {
+    my ($id) = @_;
+    my ($e) = grep { $_->{request_id} eq $id } @{ ledger($redis, $p) };
+    return $e;
+}
+sub books_balance {
+    my ($name) = @_;
+    my ($balance, $charged, $held) = audit($redis, $p);
+    is $balance + $charged + $held, $start, "$name: balance + charged + held = $start";
+}
+
+# one batch: placed, placed, too low, a repeated id; code and balance for
+# each, flat
+my $t0 = $redis->cmd('TIME');
+my $r = hold('a:5:gen', 5, 60000, 'b:10:gen', 10, 60000,
+             'c:6:gen', 6, 60000, 'a:5:gen', 5, 60000);
+is_deeply $r, [1, 15, 1, 5, 0, 5, -1, 5],
+    'hold batch: code, balance per hold, in one flat array';
+is $redis->cmd('GET', $keys[0]), 5, 'hold batch: one debit of the placed holds';
+my $score = $redis->cmd('ZSCORE', $keys[1], 'a:5:gen');
+my $now = $t0->[0] * 1000 + int($t0->[1] / 1000);
+like $score, qr/^\d+$/, 'hold: the expiry is a whole number of ms';
+cmp_ok abs($score - ($now + 60000)), '<', 2000, 'hold: expires ttl ms from now';
+books_balance('after holds');
+
+my $bad = hold('x:1:gen', 1, 60000, 'y:1:gen', 1, 'soon');
+like "$bad", qr/not a number/, 'hold: a bad ttl anywhere is an error';
+is $redis->cmd('ZCARD', $keys[1]), 2, 'hold: ... and nothing of the batch is written';
+
+# settle: charged as the module sends it, and every malformed kind
+my @cases = (
+    [ 'equal',    5, '5',   5, 0 ],
+    [ 'less',     5, '2',   2, 3 ],
+    [ 'zero',     5, '0',   0, 5 ],
+    [ 'negative', 5, '-4',  0, 5 ],
+    [ 'fraction', 5, '2.7', 2, 3 ],
+    [ 'above',    5, '9',   5, 0 ],
+    [ 'junk',     5, 'x',   5, 0 ],
+);
+$redis->cmd('SET', $keys[0], 100);
+$start = 100 + 15;    # the two holds still open above
+for my $c (@cases) {
+    my ($name, $held, $arg, $charged, $refund) = @$c;
+    my $member = "$name:$held:gen";
+    hold($member, $held, 60000);
+    my $before = $redis->cmd('GET', $keys[0]);
+    is_deeply settle($member, $arg, 200, 'commit'), [1], "settle $name: settled";
+    my $e = entry($name);
+    is $e->{charged}, $charged, "settle $name ($arg): charged $charged";
+    is $e->{held}, $held, "settle $name: held recorded";
+    like $e->{ts}, qr/^\d{13}$/, "settle $name: ts in whole ms";
+    is $redis->cmd('GET', $keys[0]) - $before, $refund, "settle $name: refunded $refund";
+}
+books_balance('after settles');
+
+is_deeply settle('equal:5:gen', '5', 200, 'commit'), [0], 'settle: twice changes nothing';
+books_balance('after a second settle');
+
+# expiry: a hold whose time is up is refunded by the next script call
+hold('late:4:gen', 4, 1);
+select undef, undef, undef, 0.05;
+my $before = $redis->cmd('GET', $keys[0]);
+is_deeply settle('nobody:1:gen', '1', 200, 'commit'), [0], 'expire: runs before any settle';
+is $redis->cmd('GET', $keys[0]) - $before, 4, 'expire: the hold is refunded';
+my $e = entry('late');
+is_deeply [ @$e{qw(outcome held charged status)} ], ['expire', 4, 0, 0],
+    'expire: ledger entry';
+like $e->{ts}, qr/^\d{13}$/, 'expire: ts in whole ms';
+books_balance('after expiry');
+
+done_testing;
