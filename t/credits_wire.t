@@ -208,7 +208,7 @@ $redis->cmd('SET', 'credits:{wire}:balance', 'lots');
 $r = call('/gen', %auth);
 is $r->{status}, 503, 'garbage balance: 503';
 is $r->{headers}{'retry-after'}, 1, 'Retry-After';
-like $ngx->error_log, qr/project "wire" route "generate": hold failed: .*not a number/,
+like $ngx->error_log, qr/project "wire" route "generate": hold failed: .*not a whole number/,
     'the script error is logged with project and route';
 
 # editor routes pass through untouched

@@ -48,9 +48,23 @@ like $score, qr/^\d+$/, 'hold: the expiry is a whole number of ms';
 cmp_ok abs($score - ($now + 60000)), '<', 2000, 'hold: expires ttl ms from now';
 books_balance('after holds');
 
-my $bad = hold('x:1:gen', 1, 60000, 'y:1:gen', 1, 'soon');
-like "$bad", qr/not a number/, 'hold: a bad ttl anywhere is an error';
-is $redis->cmd('ZCARD', $keys[1]), 2, 'hold: ... and nothing of the batch is written';
+# a price or ttl that is not a whole number anywhere in the batch: an
+# error, and nothing of the batch written (a fraction used to fail at the
+# DECRBY, after the holds were placed)
+for my $bad ([1, 'soon'], ['0.5', 60000], ['-1', 60000], [1, '1e3'],
+             ['1000000000000000', 60000], ['', 60000]) {
+    my $r = hold('x:1:gen', 1, 60000, 'y:1:gen', @$bad);
+    like "$r", qr/not a whole number/, "hold: price '$bad->[0]', ttl '$bad->[1]' is an error";
+    is $redis->cmd('ZCARD', $keys[1]), 2, '... and nothing of the batch is written';
+    is $redis->cmd('GET', $keys[0]), 5, '... nor debited';
+}
+
+# a balance that is not a whole number: an error before anything is
+# written (DECRBY would have failed after the ZADD)
+$redis->cmd('SET', $keys[0], '5.5');
+like '' . hold('z:1:gen', 1, 60000), qr/is not a whole number/, 'hold: a fractional balance is an error';
+is $redis->cmd('ZCARD', $keys[1]), 2, '... and nothing is written';
+$redis->cmd('SET', $keys[0], 5);
 
 # settle: charged as the module sends it, and every malformed kind
 my @cases = (

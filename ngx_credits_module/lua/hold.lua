@@ -7,16 +7,22 @@ if #ARGV == 0 or #ARGV % 3 ~= 0 then
     return redis.error_reply('hold: ARGV is not member, price, ttl triples')
 end
 
+-- a whole number that a Lua number (a double) holds exactly
+local function whole(s)
+    return #s <= 15 and string.find(s, '^%d+$') ~= nil
+end
+
 -- every argument is checked before anything is written: an error raised
--- half way would keep the holds placed so far without their debit.  The
--- holds of a batch mostly share a ttl: its expiry is formatted once.
+-- half way (DECRBY of a fraction, say) would keep the holds placed so far
+-- without their debit.  The holds of a batch mostly share a ttl: its
+-- expiry is formatted once.
 local expires_at = {}
 
 for i = 1, #ARGV, 3 do
     local ttl = ARGV[i + 2]
 
-    if not tonumber(ARGV[i + 1]) or not tonumber(ttl) then
-        return redis.error_reply('hold: price or ttl is not a number')
+    if not whole(ARGV[i + 1]) or not whole(ttl) then
+        return redis.error_reply('hold: price or ttl is not a whole number')
     end
 
     expires_at[ttl] = expires_at[ttl] or int(now + tonumber(ttl))
@@ -24,8 +30,9 @@ end
 
 local balance = tonumber(redis.call('GET', balance_key) or '0')
 
-if balance == nil then
-    return redis.error_reply('balance of ' .. balance_key .. ' is not a number')
+if balance == nil or balance % 1 ~= 0 then
+    return redis.error_reply('balance of ' .. balance_key
+                             .. ' is not a whole number')
 end
 
 local replies, debit = {}, 0
