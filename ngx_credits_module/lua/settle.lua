@@ -23,13 +23,13 @@ for i = 1, #ARGV, 4 do
 
         -- a whole number from 0 to held, else held
         if charged ~= held then
-            local n = tonumber(charged)
-            n = n and math.max(0, math.min(math.floor(n), tonumber(held)))
-                  or tonumber(held)
+            local most = tonumber(held)
+            local n = math.max(0, math.min(math.floor(tonumber(charged) or most),
+                                           most))
             charged = int(n)
 
-            if n < tonumber(held) then
-                redis.call('INCRBY', balance_key, int(tonumber(held) - n))
+            if n < most then
+                redis.call('INCRBY', balance_key, int(most - n))
             end
         end
 
