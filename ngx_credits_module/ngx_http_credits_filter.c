@@ -2,9 +2,10 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * The response header filter: notes the final status for the settle,
- * reads and removes the upstream's cost header, and tells the client
- * what was held and charged.
+ * The response header filter: notes the final status for the settle (and
+ * whether the location in charge made the response, or another stood in
+ * for it), reads and removes the upstream's cost header, and tells the
+ * client what was held and charged.
  */
 
 
@@ -14,8 +15,8 @@
 static ngx_int_t ngx_http_credits_header_filter(ngx_http_request_t *r);
 static void ngx_http_credits_read_cost(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_str_t *name);
-static ngx_int_t ngx_http_credits_add_header(ngx_http_request_t *r,
-    const char *name, ngx_int_t value);
+static ngx_int_t ngx_http_credits_add_number(ngx_http_request_t *r,
+    char *name, ngx_int_t value);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -57,19 +58,26 @@ ngx_http_credits_header_filter(ngx_http_request_t *r)
     ctx->header_seen = 1;
     ctx->status = r->headers_out.status;
 
-    if (lcf->cost_header.len) {
-        ngx_http_credits_read_cost(r, ctx, &lcf->cost_header);
+    if (lcf != ctx->lcf && !ctx->accel) {
+        /* error_page, or a redirect to a page that is not metered */
+        ctx->stand_in = 1;
+        return ngx_http_next_header_filter(r);
     }
 
-    if (ngx_http_credits_add_header(r, "X-Credits-Held", ctx->price) != NGX_OK
-        || ngx_http_credits_add_header(r, "X-Credits-Balance", ctx->balance)
+    if (ctx->lcf->cost_header.len) {
+        ngx_http_credits_read_cost(r, ctx, &ctx->lcf->cost_header);
+    }
+
+    if (ngx_http_credits_add_number(r, "X-Credits-Held", ctx->amount)
+        != NGX_OK
+        || ngx_http_credits_add_number(r, "X-Credits-Balance", ctx->balance)
            != NGX_OK)
     {
         return NGX_ERROR;
     }
 
     if (ctx->cost_read && ctx->status < 400
-        && ngx_http_credits_add_header(r, "X-Credits-Charged", ctx->charged)
+        && ngx_http_credits_add_number(r, "X-Credits-Charged", ctx->charged)
            != NGX_OK)
     {
         return NGX_ERROR;
@@ -145,26 +153,39 @@ ngx_http_credits_read_cost(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 
 
 static ngx_int_t
-ngx_http_credits_add_header(ngx_http_request_t *r, const char *name,
+ngx_http_credits_add_number(ngx_http_request_t *r, char *name,
     ngx_int_t value)
+{
+    ngx_str_t  s;
+
+    s.data = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+    if (s.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    s.len = ngx_http_credits_write_int(s.data, value) - s.data;
+
+    return ngx_http_credits_add_header(r, name, &s) ? NGX_OK : NGX_ERROR;
+}
+
+
+/* a response header of ours; the strings must outlive the response */
+
+ngx_table_elt_t *
+ngx_http_credits_add_header(ngx_http_request_t *r, char *name,
+    ngx_str_t *value)
 {
     ngx_table_elt_t  *h;
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->value.data = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
-    if (h->value.data == NULL) {
-        return NGX_ERROR;
+        return NULL;
     }
 
     h->hash = 1;
     h->key.data = (u_char *) name;
     h->key.len = ngx_strlen(name);
-    h->value.len = ngx_http_credits_write_int(h->value.data, value)
-                   - h->value.data;
+    h->value = *value;
 
-    return NGX_OK;
+    return h;
 }

@@ -2,19 +2,25 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * Hold and settle: the calls of the Redis scripts and what their replies
+ * Hold: the calls of the hold and move scripts and what their replies
  * mean.  The money logic itself is atomic inside the scripts (lua/).
  *
- * Holds and settles go to Redis in batches, one script call per project
- * and event loop iteration (ngx_http_credits_batch.c); each request's part
- * of the reply comes back to it here.
+ * Holds go to Redis in batches, one script call per project and event
+ * loop iteration (ngx_http_credits_batch.c); each request's part of the
+ * reply comes back to it here.
  *
  * A request waiting for its hold is parked in the access phase; the reply
  * (or the hold timeout) posts ctx->wait, whose handler runs the phases
  * again.  A request that is gone before the reply leaves a batch item
- * whose data is NULL: if that hold was placed after all, it is released at
- * once.  The settle is sent from the request pool's cleanup, exactly once;
- * the batch keeps copies of everything it needs.
+ * whose data is NULL: if that hold was placed after all, it is released
+ * at once.  A reply lost with the connection leaves the hold unknown: it
+ * is released once Redis is back (ngx_http_credits_settle.c).
+ *
+ * A request handed on (internal redirect, error_page, named location) to
+ * another metered location of the same project moves its hold there: the
+ * member then names the new route and, when the new price is higher,
+ * holds that much (the move script takes the difference from the
+ * balance).  One hold per request, never two.
  */
 
 
@@ -25,29 +31,31 @@
 #include <openssl/rand.h>
 
 
-#define NGX_HTTP_CREDITS_KEY_BALANCE  0
-#define NGX_HTTP_CREDITS_KEY_HOLDS    1
-#define NGX_HTTP_CREDITS_KEY_LEDGER   2
-
 #define NGX_HTTP_CREDITS_RANDOM_POOL  4096
 
 
-static ngx_int_t ngx_http_credits_hold_args(ngx_http_request_t *r,
+static ngx_int_t ngx_http_credits_hold_keys(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
+static ngx_int_t ngx_http_credits_member(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_int_t amount, ngx_str_t *member);
 static ngx_http_variable_value_t *ngx_http_credits_request_id(
     ngx_http_request_t *r, ngx_int_t index);
+static ngx_int_t ngx_http_credits_hold_send(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_script_t *script,
+    ngx_str_t *args, ngx_http_credits_batch_handler_pt handler);
 static void ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply);
+static void ngx_http_credits_move_handler(ngx_http_credits_batch_item_t *item,
+    redisReply *reply);
+static void ngx_http_credits_hold_answered(ngx_http_credits_ctx_t *ctx,
+    ngx_http_credits_batch_item_t *item);
 static void ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx,
     ngx_log_t *log, const char *what, ngx_str_t *err);
-static void ngx_http_credits_release_orphan(
-    ngx_http_credits_batch_item_t *item);
+static void ngx_http_credits_hold_error(ngx_http_credits_ctx_t *ctx,
+    const char *what, redisReply *reply);
+static void ngx_http_credits_hold_orphan(ngx_http_credits_batch_item_t *item,
+    redisReply *reply, ngx_str_t *member);
 static void ngx_http_credits_wait_handler(ngx_event_t *ev);
-static ngx_int_t ngx_http_credits_send_settle(ngx_str_t *keys,
-    ngx_str_t *member, ngx_int_t charged, ngx_uint_t status,
-    const char *outcome);
-static void ngx_http_credits_settle_handler(
-    ngx_http_credits_batch_item_t *item, redisReply *reply);
 static ngx_int_t ngx_http_credits_script_init(ngx_http_credits_script_t *s);
 
 
@@ -59,17 +67,18 @@ static ngx_http_credits_script_t  ngx_http_credits_hold_script = {
     ""
 };
 
-static ngx_http_credits_script_t  ngx_http_credits_settle_script = {
-    ngx_string("settle"),
-    { sizeof(ngx_http_credits_settle_lua) - 1,
-      (u_char *) ngx_http_credits_settle_lua },
-    1,
+static ngx_http_credits_script_t  ngx_http_credits_move_script = {
+    ngx_string("move"),
+    { sizeof(ngx_http_credits_move_lua) - 1,
+      (u_char *) ngx_http_credits_move_lua },
+    2,
     ""
 };
 
 ngx_http_credits_script_t  *ngx_http_credits_scripts[] = {
     &ngx_http_credits_hold_script,
     &ngx_http_credits_settle_script,
+    &ngx_http_credits_move_script,
     NULL
 };
 
@@ -121,11 +130,12 @@ ngx_int_t
 ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_loc_conf_t *lcf)
 {
-    u_char                        ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
-    ngx_str_t                     args[3];
-    ngx_http_credits_main_conf_t *cmcf;
+    u_char     ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
+    ngx_str_t  args[3];
 
-    if (ngx_http_credits_hold_args(r, ctx) != NGX_OK) {
+    if (ngx_http_credits_hold_keys(r, ctx) != NGX_OK
+        || ngx_http_credits_member(r, ctx, ctx->price, &ctx->member) != NGX_OK)
+    {
         ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
         return NGX_OK;
     }
@@ -139,9 +149,62 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
                   - ttl;
 
-    ctx->item = ngx_http_credits_batch_add(&ngx_http_credits_hold_script,
-                                           ctx->keys, args, 3,
-                                           ngx_http_credits_hold_handler, ctx);
+    ctx->amount = ctx->price;
+
+    return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_hold_script,
+                                      args, ngx_http_credits_hold_handler);
+}
+
+
+/*
+ * The request is in another metered location of the held project: the
+ * hold takes that location's route, and grows to its price when that is
+ * higher.  NGX_DECLINED: nothing to change.
+ */
+
+ngx_int_t
+ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
+    ngx_http_credits_loc_conf_t *lcf)
+{
+    u_char     ttl[NGX_INT_T_LEN];
+    ngx_int_t  amount;
+    ngx_str_t  args[3];
+
+    amount = ngx_max(ctx->amount, ctx->price);
+
+    if (ngx_http_credits_member(r, ctx, amount, &ctx->moved) != NGX_OK) {
+        ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_OK;
+    }
+
+    if (ctx->moved.len == ctx->member.len
+        && ngx_memcmp(ctx->moved.data, ctx->member.data, ctx->member.len) == 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    /* old member, new member, ttl */
+
+    args[0] = ctx->member;
+    args[1] = ctx->moved;
+    args[2].data = ttl;
+    args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
+                  - ttl;
+
+    return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_move_script,
+                                      args, ngx_http_credits_move_handler);
+}
+
+
+static ngx_int_t
+ngx_http_credits_hold_send(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
+    ngx_http_credits_script_t *script, ngx_str_t *args,
+    ngx_http_credits_batch_handler_pt handler)
+{
+    ngx_http_credits_main_conf_t  *cmcf;
+
+    ctx->item = ngx_http_credits_batch_add(script, ctx->keys, args, 3,
+                                           handler, ctx);
 
     if (ctx->item == NULL) {
         ngx_http_credits_hold_failed(ctx, r->connection->log,
@@ -162,26 +225,17 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 }
 
 
-/* keys "credits:{P}:balance" etc., and the member "<id>:<price>:<route>" */
+/* keys "credits:{P}:balance", "credits:{P}:holds", "credits:{P}:ledger" */
 
 static ngx_int_t
-ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
+ngx_http_credits_hold_keys(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 {
     u_char                        *p;
     size_t                         len;
     ngx_uint_t                     i;
-    ngx_http_variable_value_t     *id;
     ngx_http_credits_main_conf_t  *cmcf;
 
     cmcf = ngx_http_get_module_main_conf(r, ngx_http_credits_module);
-
-    id = ngx_http_credits_request_id(r, cmcf->request_id_index);
-    if (id == NULL || id->not_found || id->len == 0) {
-        return NGX_ERROR;
-    }
-
-    ctx->hold_id.data = id->data;
-    ctx->hold_id.len = id->len;
 
     len = 0;
 
@@ -189,8 +243,6 @@ ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
         len += cmcf->prefix.len + 1 + ctx->project.len
                + ngx_http_credits_key_suffix[i].len;
     }
-
-    len += id->len + 1 + NGX_INT_T_LEN + 1 + ctx->route.len;
 
     p = ngx_pnalloc(r->pool, len);
     if (p == NULL) {
@@ -207,14 +259,45 @@ ngx_http_credits_hold_args(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
         ctx->keys[i].len = p - ctx->keys[i].data;
     }
 
-    ctx->member.data = p;
-    /* "hold_id:price:route" */
+    return NGX_OK;
+}
+
+
+/* the member "<hold id>:<amount>:<route>"; the hold id is $request_id */
+
+static ngx_int_t
+ngx_http_credits_member(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
+    ngx_int_t amount, ngx_str_t *member)
+{
+    u_char                        *p;
+    ngx_http_variable_value_t     *id;
+    ngx_http_credits_main_conf_t  *cmcf;
+
+    if (ctx->hold_id.len == 0) {
+        cmcf = ngx_http_get_module_main_conf(r, ngx_http_credits_module);
+
+        id = ngx_http_credits_request_id(r, cmcf->request_id_index);
+        if (id == NULL || id->not_found || id->len == 0) {
+            return NGX_ERROR;
+        }
+
+        ctx->hold_id.data = id->data;
+        ctx->hold_id.len = id->len;
+    }
+
+    p = ngx_pnalloc(r->pool, ctx->hold_id.len + 1 + NGX_INT_T_LEN + 1
+                             + ctx->route.len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    member->data = p;
     p = ngx_cpymem(p, ctx->hold_id.data, ctx->hold_id.len);
     *p++ = ':';
-    p = ngx_http_credits_write_int(p, ctx->price);
+    p = ngx_http_credits_write_int(p, amount);
     *p++ = ':';
     p = ngx_cpymem(p, ctx->route.data, ctx->route.len);
-    ctx->member.len = p - ctx->member.data;
+    member->len = p - member->data;
 
     return NGX_OK;
 }
@@ -279,9 +362,10 @@ ngx_http_credits_request_id(ngx_http_request_t *r, ngx_int_t index)
 
 
 /*
- * A hold's part of the batch's reply, seen as an array:
- * {1, balance}: placed; {0, balance}: too low; anything else, such as
- * {-1, balance} (a hold with that id exists), is an error
+ * A hold's (or a move's) part of the batch's reply, seen as an array:
+ * {1, balance}: placed; {0, balance}: too low (a balance may be negative:
+ * a chargeback or correction); anything else, such as {-1, balance} (a
+ * hold with that id exists, or the hold to move is gone), is an error
  */
 
 ngx_int_t
@@ -292,7 +376,6 @@ ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance)
         || reply->elements != 2
         || reply->element[0]->type != REDIS_REPLY_INTEGER
         || reply->element[1]->type != REDIS_REPLY_INTEGER
-        || reply->element[1]->integer < 0
         || (reply->element[0]->integer != 0
             && reply->element[0]->integer != 1))
     {
@@ -310,24 +393,16 @@ ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply)
 {
     ngx_int_t                rc, balance;
-    ngx_str_t                err;
     ngx_http_credits_ctx_t  *ctx = item->data;
 
-    rc = ngx_http_credits_hold_reply(reply, &balance);
-
     if (ctx == NULL) {
-        /* the request timed out or is gone: undo a hold that was placed */
-        if (rc == NGX_OK) {
-            ngx_http_credits_release_orphan(item);
-        }
-
+        ngx_http_credits_hold_orphan(item, reply, &item->args[0]);
         return;
     }
 
-    ctx->item = NULL;
-    ctx->waiting = 0;
+    ngx_http_credits_hold_answered(ctx, item);
 
-    ngx_http_credits_count_latency(ngx_current_msec - item->start);
+    rc = ngx_http_credits_hold_reply(reply, &balance);
 
     switch (rc) {
 
@@ -335,7 +410,7 @@ ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
         ctx->held = 1;
         ctx->balance = balance;
         ctx->rc = NGX_DECLINED;
-        ngx_http_credits_count_credits(ctx->price, 0, 0);
+        ngx_http_credits_count_credits(ctx->amount, 0, 0);
         break;
 
     case NGX_DECLINED:
@@ -346,9 +421,71 @@ ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
         break;
 
     default:
-        ngx_http_credits_reply_error(reply, &err);
-        ngx_http_credits_hold_failed(ctx, ctx->wait.log, "hold failed", &err);
+        if (reply == NULL) {
+            /* the hold may have been placed before the connection went */
+            ngx_http_credits_release(ctx->keys, &ctx->member, 0);
+        }
+
+        ngx_http_credits_hold_error(ctx, "hold failed", reply);
     }
+}
+
+
+static void
+ngx_http_credits_move_handler(ngx_http_credits_batch_item_t *item,
+    redisReply *reply)
+{
+    ngx_int_t                rc, balance, grown;
+    ngx_http_credits_ctx_t  *ctx = item->data;
+
+    if (ctx == NULL) {
+        ngx_http_credits_hold_orphan(item, reply, &item->args[1]);
+        return;
+    }
+
+    ngx_http_credits_hold_answered(ctx, item);
+
+    rc = ngx_http_credits_hold_reply(reply, &balance);
+
+    switch (rc) {
+
+    case NGX_OK:
+        grown = ngx_max(ctx->amount, ctx->price) - ctx->amount;
+        ctx->member = ctx->moved;
+        ctx->amount += grown;
+        ctx->balance = balance;
+        ctx->rc = NGX_DECLINED;
+        ngx_http_credits_count_credits(grown, 0, 0);
+        break;
+
+    case NGX_DECLINED:
+        /* the hold stays as it was; the 402 releases it */
+        ctx->balance = balance;
+        ctx->rc = NGX_HTTP_CREDITS_PAYMENT_REQUIRED;
+        ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_INSUFFICIENT);
+        break;
+
+    default:
+        /* the old hold is released, and the new one in case it was made */
+        if (reply == NULL) {
+            ngx_http_credits_release(ctx->keys, &ctx->moved, 0);
+        }
+
+        ngx_http_credits_drop(ctx, NGX_HTTP_SERVICE_UNAVAILABLE);
+
+        ngx_http_credits_hold_error(ctx, "moving the hold failed", reply);
+    }
+}
+
+
+static void
+ngx_http_credits_hold_answered(ngx_http_credits_ctx_t *ctx,
+    ngx_http_credits_batch_item_t *item)
+{
+    ctx->item = NULL;
+    ctx->waiting = 0;
+
+    ngx_http_credits_count_latency(ngx_current_msec - item->start);
 
     if (ctx->wait.timer_set) {
         ngx_del_timer(&ctx->wait);
@@ -359,15 +496,24 @@ ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
 
 
 static void
+ngx_http_credits_hold_error(ngx_http_credits_ctx_t *ctx, const char *what,
+    redisReply *reply)
+{
+    ngx_str_t  err;
+
+    ngx_http_credits_reply_error(reply, &err);
+    ngx_http_credits_hold_failed(ctx, ctx->wait.log, what, &err);
+}
+
+
+static void
 ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx, ngx_log_t *log,
     const char *what, ngx_str_t *err)
 {
-    ngx_uint_t                    open;
-    ngx_str_t                     none = ngx_null_string;
-    ngx_http_credits_loc_conf_t  *lcf;
+    ngx_uint_t  open;
+    ngx_str_t   none = ngx_null_string;
 
-    lcf = ngx_http_get_module_loc_conf(ctx->request, ngx_http_credits_module);
-    open = (lcf->fail == NGX_HTTP_CREDITS_ON_FAIL_OPEN);
+    open = (ctx->lcf->fail == NGX_HTTP_CREDITS_ON_FAIL_OPEN);
 
     ngx_log_error(NGX_LOG_ERR, log, 0,
                   "credits: project \"%V\" route \"%V\": %s%s%V, %s",
@@ -381,6 +527,26 @@ ngx_http_credits_hold_failed(ngx_http_credits_ctx_t *ctx, ngx_log_t *log,
     ctx->rc = open ? NGX_DECLINED : NGX_HTTP_SERVICE_UNAVAILABLE;
 
     ngx_http_credits_count_outcome(ctx->outcome);
+}
+
+
+/*
+ * The request timed out or is gone: a hold its script made (placed, or
+ * moved to "member") is released at once; when the reply was lost with
+ * the connection, once Redis is back.
+ */
+
+static void
+ngx_http_credits_hold_orphan(ngx_http_credits_batch_item_t *item,
+    redisReply *reply, ngx_str_t *member)
+{
+    ngx_int_t  balance;
+
+    if (reply == NULL
+        || ngx_http_credits_hold_reply(reply, &balance) == NGX_OK)
+    {
+        ngx_http_credits_release(ngx_http_credits_batch_keys(item), member, 0);
+    }
 }
 
 
@@ -400,6 +566,11 @@ ngx_http_credits_wait_handler(ngx_event_t *ev)
         ctx->item = NULL;
         ctx->waiting = 0;
 
+        if (ctx->held) {
+            /* a move timed out: the hold it started from goes */
+            ngx_http_credits_drop(ctx, NGX_HTTP_SERVICE_UNAVAILABLE);
+        }
+
         ngx_http_credits_hold_failed(ctx, c->log, "hold timed out", NULL);
     }
 
@@ -408,189 +579,4 @@ ngx_http_credits_wait_handler(ngx_event_t *ev)
     r->write_event_handler(r);
 
     ngx_http_run_posted_requests(c);
-}
-
-
-/* the item still carries the hold's keys and member: release it */
-
-static void
-ngx_http_credits_release_orphan(ngx_http_credits_batch_item_t *item)
-{
-    ngx_str_t  *member = &item->args[0];
-
-    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                  "credits: hold \"%V\" was placed after its request gave up "
-                  "waiting: releasing it", member);
-
-    if (ngx_http_credits_send_settle(ngx_http_credits_batch_keys(item),
-                                     member, 0, 0, "release")
-        != NGX_OK)
-    {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "credits: cannot release hold \"%V\": it will expire",
-                      member);
-    }
-}
-
-
-/*
- * Commit when the final status is below 400; release on 400 and above,
- * on upstream errors (nginx answers 502/504) and when no response header
- * was sent (the client went away first).  Idempotent: the variables call
- * it at log time, the cleanup before it settles.
- */
-
-void
-ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
-{
-    if (!ctx->held || ctx->decided) {
-        return;
-    }
-
-    ctx->decided = 1;
-
-    if (ctx->header_seen && ctx->status < 400) {
-        ctx->outcome = NGX_HTTP_CREDITS_COMMITTED;
-
-        if (!ctx->cost_read) {
-            ctx->charged = ctx->price;
-        }
-
-    } else {
-        ctx->outcome = NGX_HTTP_CREDITS_RELEASED;
-        ctx->charged = 0;
-    }
-}
-
-
-void
-ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx)
-{
-    ngx_uint_t  status;
-    const char *outcome;
-
-    ngx_http_credits_decide(ctx);
-
-    ctx->settled = 1;
-
-    outcome = (ctx->outcome == NGX_HTTP_CREDITS_COMMITTED) ? "commit"
-                                                           : "release";
-
-    status = ctx->header_seen ? ctx->status : 499;
-
-    if (ngx_http_credits_send_settle(ctx->keys, &ctx->member, ctx->charged,
-                                     status, outcome)
-        != NGX_OK)
-    {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "credits: project \"%V\" route \"%V\": cannot %s hold "
-                      "\"%V\" (redis not connected): it will expire and be "
-                      "refunded", &ctx->project, &ctx->route, outcome,
-                      &ctx->hold_id);
-    }
-}
-
-
-static ngx_int_t
-ngx_http_credits_send_settle(ngx_str_t *keys, ngx_str_t *member,
-    ngx_int_t charged, ngx_uint_t status, const char *outcome)
-{
-    u_char     ch[NGX_INT_T_LEN], st[NGX_INT_T_LEN];
-    ngx_str_t  args[4];
-
-    /* member, charged, status, outcome */
-
-    args[0] = *member;
-    args[1].data = ch;
-    args[1].len = ngx_http_credits_write_int(ch, charged) - ch;
-    args[2].data = st;
-    args[2].len = ngx_http_credits_write_int(st, (ngx_int_t) status) - st;
-    args[3].data = (u_char *) outcome;
-    args[3].len = ngx_strlen(outcome);
-
-    if (ngx_http_credits_batch_add(&ngx_http_credits_settle_script, keys,
-                                   args, 4, ngx_http_credits_settle_handler,
-                                   NULL)
-        == NULL)
-    {
-        return NGX_DECLINED;
-    }
-
-    return NGX_OK;
-}
-
-
-/* 1: settled; 0: the hold was gone (expired and refunded, or settled) */
-
-ngx_int_t
-ngx_http_credits_settle_reply(redisReply *reply)
-{
-    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
-        return NGX_ERROR;
-    }
-
-    switch (reply->integer) {
-    case 1:
-        return NGX_OK;
-    case 0:
-        return NGX_DECLINED;
-    default:
-        return NGX_ERROR;
-    }
-}
-
-
-static void
-ngx_http_credits_settle_handler(ngx_http_credits_batch_item_t *item,
-    redisReply *reply)
-{
-    ngx_str_t   member, err, *outcome;
-    ngx_int_t   rc, held, charged, commit;
-    ngx_uint_t  level;
-    u_char     *p, *last;
-
-    /* member, charged, status, outcome */
-    member = item->args[0];
-    outcome = &item->args[3];
-    commit = (outcome->data[0] == 'c');
-
-    rc = ngx_http_credits_settle_reply(reply);
-
-    if (rc == NGX_ERROR) {
-        ngx_http_credits_reply_error(reply, &err);
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "credits: settle of hold \"%V\" failed: %V: it will "
-                      "expire and be refunded", &member, &err);
-        return;
-    }
-
-    if (rc == NGX_DECLINED) {
-        level = commit ? NGX_LOG_WARN : NGX_LOG_INFO;
-
-        ngx_log_error(level, ngx_cycle->log, 0,
-                      "credits: hold \"%V\" had expired before its %V: "
-                      "nothing charged", &member, outcome);
-        ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_EXPIRED);
-        return;
-    }
-
-    /* the member is "<id>:<held>:<route>" */
-    last = member.data + member.len;
-    p = ngx_strlchr(member.data, last, ':');
-    held = 0;
-
-    if (p) {
-        last = ngx_strlchr(p + 1, last, ':');
-        held = last ? ngx_atoi(p + 1, last - p - 1) : 0;
-    }
-
-    charged = ngx_atoi(item->args[1].data, item->args[1].len);
-
-    if (held < 0 || charged < 0 || charged > held) {
-        return;
-    }
-
-    ngx_http_credits_count_outcome(commit ? NGX_HTTP_CREDITS_COMMITTED
-                                          : NGX_HTTP_CREDITS_RELEASED);
-    ngx_http_credits_count_credits(0, charged, held - charged);
 }

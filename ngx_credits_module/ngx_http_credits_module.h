@@ -145,20 +145,28 @@ struct ngx_http_credits_batch_item_s {
 };
 
 
-/* one per metered main request, kept in a pool cleanup so that it survives
- * internal redirects (which zero r->ctx) */
+/*
+ * One per metered main request, kept in a pool cleanup so that it survives
+ * internal redirects (which zero r->ctx).  The charge follows the metered
+ * location in charge (lcf): the last one whose gate the request passed.
+ * A response made anywhere else stood in for it and releases the hold.
+ */
 typedef struct {
     ngx_http_request_t             *request;
-    ngx_http_credits_batch_item_t  *item;         /* hold in flight */
+    ngx_http_credits_loc_conf_t    *lcf;          /* location in charge */
+    ngx_http_upstream_t            *upstream;     /* r->upstream at its gate */
+    ngx_http_credits_batch_item_t  *item;         /* hold or move in flight */
     ngx_event_t                     wait;         /* hold timeout and resume */
 
     ngx_str_t                       project;
     ngx_str_t                       route;
     ngx_str_t                       hold_id;
     ngx_str_t                       member;       /* holds zset member */
+    ngx_str_t                       moved;        /* member a move makes */
     ngx_str_t                       keys[3];      /* balance, holds, ledger */
 
-    ngx_int_t                       price;
+    ngx_int_t                       price;        /* at most this is charged */
+    ngx_int_t                       amount;       /* credits held */
     ngx_int_t                       balance;
     ngx_int_t                       charged;
     ngx_uint_t                      status;
@@ -169,6 +177,9 @@ typedef struct {
     unsigned                        answered:1;   /* verdict given once */
     unsigned                        held:1;
     unsigned                        header_seen:1;
+    unsigned                        stand_in:1;   /* another location answered */
+    unsigned                        left:1;       /* redirected out of lcf */
+    unsigned                        accel:1;      /* ... by X-Accel-Redirect */
     unsigned                        cost_read:1;
     unsigned                        decided:1;
     unsigned                        settled:1;
@@ -178,8 +189,14 @@ typedef struct {
 extern ngx_module_t  ngx_http_credits_module;
 
 
-/* module */
+/* access phase: the gate, its answers, the request's context */
+ngx_int_t ngx_http_credits_access_init(ngx_conf_t *cf);
 ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
+
+/* variables */
+ngx_int_t ngx_http_credits_add_variables(ngx_conf_t *cf);
+
+/* numbers */
 ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
 u_char *ngx_http_credits_write_int(u_char *p, ngx_int_t n);
 
@@ -225,14 +242,23 @@ redisReply *ngx_http_credits_batch_element(redisReply *reply, ngx_uint_t n,
     ngx_uint_t i, ngx_uint_t width, redisReply *view);
 ngx_str_t *ngx_http_credits_batch_keys(ngx_http_credits_batch_item_t *item);
 
-/* hold and settle */
+/* hold: placing and moving */
 extern ngx_http_credits_script_t  *ngx_http_credits_scripts[];
 ngx_int_t ngx_http_credits_hold_init(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_credits_hold(ngx_http_request_t *r,
-    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *clcf);
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+ngx_int_t ngx_http_credits_move(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
+
+/* settle */
+extern ngx_http_credits_script_t   ngx_http_credits_settle_script;
+ngx_int_t ngx_http_credits_settle_init(ngx_cycle_t *cycle, ngx_msec_t timeout);
 void ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx);
 void ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx);
-ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
+void ngx_http_credits_drop(ngx_http_credits_ctx_t *ctx, ngx_uint_t status);
+void ngx_http_credits_release(ngx_str_t *keys, ngx_str_t *member,
+    ngx_uint_t status);
 ngx_int_t ngx_http_credits_settle_reply(redisReply *reply);
 
 /* runtime prices */
@@ -244,6 +270,8 @@ ngx_array_t *ngx_http_credits_prices_parse(redisReply *reply,
 
 /* response filter */
 ngx_int_t ngx_http_credits_filter_init(ngx_conf_t *cf);
+ngx_table_elt_t *ngx_http_credits_add_header(ngx_http_request_t *r,
+    char *name, ngx_str_t *value);
 
 /* status */
 ngx_int_t ngx_http_credits_status_init_zone(ngx_conf_t *cf,

@@ -51,6 +51,19 @@ static ngx_msec_t  ngx_http_credits_bounds[NGX_HTTP_CREDITS_BUCKETS - 1] = {
 static ngx_http_credits_stats_t  *ngx_http_credits_stats;
 
 
+ngx_str_t  ngx_http_credits_outcome_names[] = {
+    ngx_null_string,
+    ngx_string("committed"),
+    ngx_string("released"),
+    ngx_string("expired"),
+    ngx_string("unauthorized"),
+    ngx_string("insufficient"),
+    ngx_string("redis_unavailable"),
+    ngx_string("fail_open"),
+    ngx_string("free")
+};
+
+
 ngx_int_t
 ngx_http_credits_status_init_zone(ngx_conf_t *cf,
     ngx_http_credits_main_conf_t *cmcf)

@@ -21,6 +21,11 @@ end
 
 local now_ms = int(now)
 
+-- a whole number that a Lua number (a double) holds exactly
+local function whole(s)
+    return #s <= 15 and string.find(s, '^%d+$') ~= nil
+end
+
 -- id, held (as written in the member), route
 local function parse_hold(member)
     return string.match(member, '^([^:]+):(%d+):(.*)$')

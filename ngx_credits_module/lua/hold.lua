@@ -7,11 +7,6 @@ if #ARGV == 0 or #ARGV % 3 ~= 0 then
     return redis.error_reply('hold: ARGV is not member, price, ttl triples')
 end
 
--- a whole number that a Lua number (a double) holds exactly
-local function whole(s)
-    return #s <= 15 and string.find(s, '^%d+$') ~= nil
-end
-
 -- every argument is checked before anything is written: an error raised
 -- half way (DECRBY of a fraction, say) would keep the holds placed so far
 -- without their debit.  The holds of a batch mostly share a ttl: its

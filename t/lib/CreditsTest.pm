@@ -422,7 +422,8 @@ sub DESTROY { local $?; $_[0]->stop }
 package CreditsTest::Upstream;
 
 # A real HTTP/1.1 server on loopback, one process per connection; the
-# query string says how to answer: status, cost, sleep, reset, body, hdr.
+# query string says how to answer: status, cost, sleep, reset, body, hdr,
+# echo (the body is the request's X-* headers, one "name: value" a line).
 
 use strict;
 use warnings;
@@ -493,6 +494,8 @@ sub serve {
 
         my $status = $q{status} || 200;
         my $out = $q{body} // '{"ok":true}';
+        $out = join '', map { "$_: $h{$_}\n" } sort grep { /^x-/ } keys %h
+            if $q{echo};
         my $resp = "HTTP/1.1 $status X\r\nContent-Type: application/json\r\n"
                  . "Content-Length: " . length($out) . "\r\n";
         $resp .= "X-Cost: $q{cost}\r\n" if defined $q{cost};
