@@ -54,10 +54,13 @@ $(NGX_BUILD)/objs/Makefile: config config.make Makefile | deps
 module: $(NGX_BUILD)/objs/Makefile
 	@$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile modules
 
-$(CREDITSCTL): creditsctl/creditsctl.c | deps
+CREDITSCTL_SRC := creditsctl/creditsctl.c creditsctl/redis.c \
+                  creditsctl/books.c creditsctl/json.c
+
+$(CREDITSCTL): $(CREDITSCTL_SRC) creditsctl/creditsctl.h | deps
 	@mkdir -p $(BUILD)
 	$(CC) -std=c99 -D_DEFAULT_SOURCE -O2 -g -Wall -Wextra -Werror \
-	    -o $@ $< -lhiredis
+	    -o $@ $(CREDITSCTL_SRC) -lhiredis
 
 test: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \

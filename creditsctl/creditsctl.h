@@ -1,0 +1,68 @@
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ */
+
+
+#ifndef _CREDITSCTL_H_INCLUDED_
+#define _CREDITSCTL_H_INCLUDED_
+
+
+#include <stdio.h>
+#include <hiredis/hiredis.h>
+
+
+/* the exit status, as documented in --help and docs/redis.md */
+#define EXIT_MISMATCH  1    /* the audit found a difference */
+#define EXIT_USAGE     2    /* bad command line */
+#define EXIT_REDIS     3    /* Redis failed, or what it holds is unusable */
+
+/* the ledger is read in pages of this many entries, outside any script */
+#define LEDGER_PAGE    1000
+
+/* "(" + a stream id: two 20-digit numbers and a dash */
+#define LEDGER_ID_MAX  48
+
+
+typedef struct {
+    const char    *redis;
+    const char    *password;
+    long           db;
+    const char    *prefix;
+    int            json;
+    redisContext  *ctx;
+} options_t;
+
+
+typedef void (*ledger_entry_pt)(options_t *o, redisReply *entry, void *data);
+
+
+void die(int code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), noreturn));
+int whole_number(const char *s, size_t len, long long *n);
+long long parse_number(const char *s, long long min, const char *what);
+const char *check_project(const char *p);
+int no_more_args(int argc, int want, const char *usage_line);
+
+/* redis.c */
+char *key(options_t *o, const char *project, const char *suffix);
+redisReply *run(options_t *o, const char *fmt, ...);
+long long stored_number(redisReply *r, const char *what);
+void check_strings(redisReply *r, const char *what);
+int ledger_last_id(options_t *o, const char *ledger, char *id);
+void ledger_from_last(options_t *o, const char *ledger, const char *to,
+    long long n, char *from);
+void ledger_read(options_t *o, const char *ledger, const char *from,
+    const char *to, ledger_entry_pt handler, void *data);
+redisReply *ledger_field(redisReply *entry, const char *name);
+
+/* json.c */
+void json_string(FILE *f, const char *s, size_t len);
+void json_cstring(FILE *f, const char *s);
+
+/* books.c: what a project's money did and where it is */
+int cmd_ledger(options_t *o, int argc, char **argv);
+int cmd_holds(options_t *o, int argc, char **argv);
+int cmd_audit(options_t *o, int argc, char **argv);
+
+
+#endif /* _CREDITSCTL_H_INCLUDED_ */

@@ -1,0 +1,317 @@
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ *
+ * creditsctl's Redis side: the connection, every command's reply, and the
+ * ledger read in pages.  A command-line tool may block, so this is
+ * hiredis's synchronous API; Redis itself must not: no command here runs
+ * for a time that grows with the ledger.
+ */
+
+#include <stdarg.h>
+#include <string.h>
+#include <sys/time.h>
+#include "creditsctl.h"
+
+
+char *
+key(options_t *o, const char *project, const char *suffix)
+{
+    static char  buf[4][512];
+    static int   n;
+    char        *k;
+
+    k = buf[n++ % 4];
+
+    if (project) {
+        snprintf(k, sizeof(buf[0]), "%s{%s}:%s", o->prefix, project, suffix);
+    } else {
+        snprintf(k, sizeof(buf[0]), "%s%s", o->prefix, suffix);
+    }
+
+    return k;
+}
+
+
+static void
+connect_redis(options_t *o)
+{
+    char            host[256];
+    const char     *colon;
+    struct timeval  tv = { 2, 0 };
+
+    if (strncmp(o->redis, "unix:", 5) == 0) {
+        o->ctx = redisConnectUnixWithTimeout(o->redis + 5, tv);
+
+    } else {
+        colon = strrchr(o->redis, ':');
+        if (colon == NULL || colon == o->redis
+            || (size_t) (colon - o->redis) >= sizeof(host))
+        {
+            die(EXIT_USAGE, "invalid --redis \"%s\": host:port or unix:/path",
+                o->redis);
+        }
+
+        memcpy(host, o->redis, colon - o->redis);
+        host[colon - o->redis] = '\0';
+
+        o->ctx = redisConnectWithTimeout(host,
+                     (int) parse_number(colon + 1, 1, "port"), tv);
+    }
+
+    if (o->ctx == NULL || o->ctx->err) {
+        die(EXIT_REDIS, "cannot connect to redis %s: %s", o->redis,
+            o->ctx ? o->ctx->errstr : "out of memory");
+    }
+
+    redisSetTimeout(o->ctx, tv);
+
+    if (o->password) {
+        freeReplyObject(run(o, "AUTH %s", o->password));
+    }
+
+    if (o->db) {
+        freeReplyObject(run(o, "SELECT %ld", o->db));
+    }
+}
+
+
+/* every command's reply goes through here: errors end the program */
+
+redisReply *
+run(options_t *o, const char *fmt, ...)
+{
+    va_list      ap;
+    redisReply  *r;
+
+    if (o->ctx == NULL) {
+        connect_redis(o);
+    }
+
+    va_start(ap, fmt);
+    r = redisvCommand(o->ctx, fmt, ap);
+    va_end(ap);
+
+    if (r == NULL) {
+        die(EXIT_REDIS, "redis %s: %s", o->redis, o->ctx->errstr);
+    }
+
+    if (r->type == REDIS_REPLY_ERROR) {
+        die(EXIT_REDIS, "redis %s: %s", o->redis, r->str);
+    }
+
+    return r;
+}
+
+
+/* a number Redis keeps as a string; a missing key is 0 */
+
+long long
+stored_number(redisReply *r, const char *what)
+{
+    long long  n;
+
+    if (r->type == REDIS_REPLY_INTEGER) {
+        return r->integer;
+    }
+
+    if (r->type == REDIS_REPLY_NIL) {
+        return 0;
+    }
+
+    if (r->type != REDIS_REPLY_STRING || whole_number(r->str, r->len, &n)) {
+        die(EXIT_REDIS, "%s is not a whole number", what);
+    }
+
+    return n;
+}
+
+
+/* an array of strings (HGETALL, ZRANGE), or the program ends */
+
+void
+check_strings(redisReply *r, const char *what)
+{
+    size_t  i;
+
+    if (r->type != REDIS_REPLY_ARRAY) {
+        die(EXIT_REDIS, "unexpected reply to %s", what);
+    }
+
+    for (i = 0; i < r->elements; i++) {
+        if (r->element[i]->type != REDIS_REPLY_STRING) {
+            die(EXIT_REDIS, "unexpected reply to %s", what);
+        }
+    }
+}
+
+
+/* an entry is [id, [field, value, ...]], or the program ends */
+
+static void
+check_entry(redisReply *e)
+{
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2
+        || e->element[0]->type != REDIS_REPLY_STRING
+        || e->element[0]->len >= LEDGER_ID_MAX - 1
+        || e->element[1]->type != REDIS_REPLY_ARRAY
+        || e->element[1]->elements % 2)
+    {
+        die(EXIT_REDIS, "unexpected ledger entry in the reply");
+    }
+
+    check_strings(e->element[1], "XRANGE");
+}
+
+
+/* a page of at most count entries, newest first, from "to" downwards */
+
+static redisReply *
+ledger_page_back(options_t *o, const char *ledger, const char *to,
+    long long count)
+{
+    size_t       i;
+    redisReply  *r;
+
+    r = run(o, "XREVRANGE %s %s - COUNT %lld", ledger, to, count);
+
+    if (r->type != REDIS_REPLY_ARRAY) {
+        die(EXIT_REDIS, "unexpected reply to XREVRANGE");
+    }
+
+    for (i = 0; i < r->elements; i++) {
+        check_entry(r->element[i]);
+    }
+
+    return r;
+}
+
+
+/* the id of the newest entry into id (LEDGER_ID_MAX bytes); 0: none */
+
+int
+ledger_last_id(options_t *o, const char *ledger, char *id)
+{
+    int          found;
+    redisReply  *r;
+
+    r = ledger_page_back(o, ledger, "+", 1);
+
+    found = (r->elements == 1);
+
+    if (found) {
+        memcpy(id, r->element[0]->element[0]->str,
+               r->element[0]->element[0]->len + 1);
+    }
+
+    freeReplyObject(r);
+    return found;
+}
+
+
+/*
+ * The start of the last n entries up to "to": an id, or "-" when there
+ * are no more than n.  Only ids are kept, page by page, so a large n
+ * costs neither Redis nor us more than a page at a time.
+ */
+
+void
+ledger_from_last(options_t *o, const char *ledger, const char *to,
+    long long n, char *from)
+{
+    char         end[LEDGER_ID_MAX];
+    long long    count;
+    redisReply  *r, *last;
+
+    snprintf(end, sizeof(end), "%s", to);
+    strcpy(from, "-");
+
+    while (n > 0) {
+        count = n < LEDGER_PAGE ? n : LEDGER_PAGE;
+        r = ledger_page_back(o, ledger, end, count);
+
+        if ((long long) r->elements < count) {
+            freeReplyObject(r);
+            return;
+        }
+
+        n -= count;
+        last = r->element[r->elements - 1]->element[0];
+
+        if (n == 0) {
+            memcpy(from, last->str, last->len + 1);
+        }
+
+        snprintf(end, sizeof(end), "(%s", last->str);
+        freeReplyObject(r);
+    }
+}
+
+
+/*
+ * Calls handler for each entry from "from" to "to" (ids, both included;
+ * "-" and "+" for the ends), oldest first.  Each XRANGE reads one page,
+ * so Redis is never busy with the ledger for more than a page's time.
+ */
+
+void
+ledger_read(options_t *o, const char *ledger, const char *from,
+    const char *to, ledger_entry_pt handler, void *data)
+{
+    char         start[LEDGER_ID_MAX];
+    size_t       i, n;
+    redisReply  *r, *last;
+
+    snprintf(start, sizeof(start), "%s", from);
+
+    do {
+        r = run(o, "XRANGE %s %s %s COUNT %d", ledger, start, to,
+                LEDGER_PAGE);
+
+        if (r->type != REDIS_REPLY_ARRAY) {
+            die(EXIT_REDIS, "unexpected reply to XRANGE");
+        }
+
+        for (i = 0; i < r->elements; i++) {
+            check_entry(r->element[i]);
+            handler(o, r->element[i], data);
+        }
+
+        n = r->elements;
+
+        if (n == LEDGER_PAGE) {
+            last = r->element[n - 1]->element[0];
+
+            if (strcmp(last->str, to) == 0) {
+                n = 0;
+            }
+
+            snprintf(start, sizeof(start), "(%s", last->str);
+        }
+
+        freeReplyObject(r);
+
+    } while (n == LEDGER_PAGE);
+}
+
+
+/* a field's value in an entry checked by check_entry(), NULL if absent */
+
+redisReply *
+ledger_field(redisReply *entry, const char *name)
+{
+    size_t       i, len;
+    redisReply  *f;
+
+    f = entry->element[1];
+    len = strlen(name);
+
+    for (i = 0; i + 1 < f->elements; i += 2) {
+        if (f->element[i]->len == len
+            && memcmp(f->element[i]->str, name, len) == 0)
+        {
+            return f->element[i + 1];
+        }
+    }
+
+    return NULL;
+}
