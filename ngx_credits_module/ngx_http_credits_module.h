@@ -230,6 +230,7 @@ ngx_int_t ngx_http_credits_redis_command(ngx_http_credits_script_t *script,
     ngx_http_credits_redis_handler_pt handler, void *data,
     ngx_http_credits_redis_cmd_t **cmdp);
 ngx_uint_t ngx_http_credits_redis_state(void);
+void ngx_http_credits_redis_hurry(void);
 ngx_uint_t ngx_http_credits_redis_reconnects(void);
 const char *ngx_http_credits_reply_error(redisReply *reply, ngx_str_t *err);
 

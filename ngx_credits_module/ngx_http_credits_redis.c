@@ -15,8 +15,10 @@
  * writability only when that write could not finish.
  * Connect and stalls are bounded by nginx timers; a lost connection fails
  * every pending command (its handler gets a NULL reply) and is made again
- * with backoff.  Nothing here ever blocks: addresses are resolved at
- * configuration time.
+ * with backoff, also while the worker shuts down gracefully (its settles
+ * may wait for Redis; the connect timer is cancelable, so it never keeps
+ * the worker alive by itself).  Nothing here ever blocks: addresses are
+ * resolved at configuration time.
  */
 
 
@@ -130,6 +132,20 @@ ngx_http_credits_redis_exit(void)
 }
 
 
+/* work waits for the connection while the worker exits: try again soon */
+
+void
+ngx_http_credits_redis_hurry(void)
+{
+    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+
+    if (rd->ac == NULL && rd->backoff > NGX_HTTP_CREDITS_BACKOFF_MIN) {
+        rd->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+        ngx_add_timer(&rd->connect_timer, NGX_HTTP_CREDITS_BACKOFF_MIN);
+    }
+}
+
+
 ngx_uint_t
 ngx_http_credits_redis_state(void)
 {
@@ -228,7 +244,8 @@ ngx_http_credits_redis_reconnect_handler(ngx_event_t *ev)
         return;
     }
 
-    if (rd->ac == NULL && !ngx_exiting && !ngx_quit && !ngx_terminate) {
+    /* a worker shutting down gracefully still reconnects: settles wait */
+    if (rd->ac == NULL && !ngx_terminate) {
         rd->reconnects++;
         ngx_http_credits_redis_connect();
     }
@@ -712,7 +729,7 @@ ngx_http_credits_redis_cleanup(void *data)
         ngx_del_timer(&rd->connect_timer);
     }
 
-    if (!ngx_exiting && !ngx_quit && !ngx_terminate) {
+    if (!ngx_terminate) {
         ngx_add_timer(&rd->connect_timer, rd->backoff);
         rd->backoff = ngx_min(rd->backoff * 2, NGX_HTTP_CREDITS_BACKOFF_MAX);
     }

@@ -425,6 +425,7 @@ ngx_http_credits_resend_handler(ngx_event_t *ev)
 
         if (rs->exiting_since == 0) {
             rs->exiting_since = ngx_current_msec;
+            ngx_http_credits_redis_hurry();
 
         } else if (ngx_current_msec - rs->exiting_since >= rs->timeout) {
             ngx_log_error(NGX_LOG_ERR, ev->log, 0,
