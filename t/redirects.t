@@ -111,6 +111,21 @@ my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
             proxy_pass http://%%UPSTREAM%%;
         }
 
+        location /paid-to-free {
+            credits on;
+            credits_price 5;
+            proxy_intercept_errors on;
+            error_page 404 = @free-answer;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+
+        location @free-answer {
+            credits on;
+            credits_price 0;
+            set $args "";
+            proxy_pass http://%%UPSTREAM%%;
+        }
+
         location /site {
             credits on;
             credits_price 4;
@@ -276,6 +291,16 @@ $r = $ngx->get('/big?status=404', %auth);
 is $r->{headers}{'x-credits-held'}, 5, 'big -> small: the hold stays 5';
 is_deeply fields(entries_of('rd', $r->{headers}{'x-hold'})),
     [ [ 'small', 5, 2, 'commit' ] ], 'big -> small: charged the small price';
+
+# -- a free location answers: nothing charged ---------------------------------
+
+$r = $ngx->get('/paid-to-free?status=404', %auth);
+is $r->{status}, 200, 'paid -> free: served';
+ok !exists $r->{headers}{'x-credits-held'}, 'paid -> free: nothing held';
+settled('rd');
+is_deeply fields([ grep { $_->{route} eq '/paid-to-free' }
+                   @{ ledger($redis, 'rd') } ]),
+    [ [ '/paid-to-free', 5, 0, 'release' ] ], 'paid -> free: released';
 
 # -- another project pays at the next location ------------------------------
 
