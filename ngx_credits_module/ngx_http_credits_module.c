@@ -906,6 +906,7 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->jwt.key.data == NULL) {
         conf->jwt.key = prev->jwt.key;
         conf->jwt.key_type = prev->jwt.key_type;
+        conf->jwt.key_bits = prev->jwt.key_bits;
     }
 
     if (conf->jwt.algorithms == 0) {
