@@ -39,6 +39,8 @@ static ngx_http_credits_alg_t  ngx_http_credits_algs[] = {
 };
 
 
+static ngx_int_t ngx_http_credits_jwt_split(ngx_str_t *token,
+    ngx_str_t *segments, const char **reason);
 static ngx_int_t ngx_http_credits_jwt_decode_json(ngx_str_t *segment,
     ngx_pool_t *pool, json_t **json);
 static ngx_int_t ngx_http_credits_jwt_algorithm(json_t *header,
@@ -265,10 +267,9 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
     ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
     double *exp, const char **reason)
 {
-    u_char                  *p, *dot1, *dot2, *last;
     json_t                  *json;
     ngx_int_t                rc;
-    ngx_str_t                segment;
+    ngx_str_t                segments[3];
     ngx_http_credits_alg_t  *alg;
 
     if (token->len == 0) {
@@ -281,21 +282,11 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
         return NGX_DECLINED;
     }
 
-    last = token->data + token->len;
-
-    dot1 = ngx_strlchr(token->data, last, '.');
-    dot2 = dot1 ? ngx_strlchr(dot1 + 1, last, '.') : NULL;
-    p = dot2 ? ngx_strlchr(dot2 + 1, last, '.') : NULL;
-
-    if (dot2 == NULL || p != NULL || dot2 + 1 == last) {
-        *reason = "malformed token: three non-empty segments expected";
+    if (ngx_http_credits_jwt_split(token, segments, reason) != NGX_OK) {
         return NGX_DECLINED;
     }
 
-    segment.data = token->data;
-    segment.len = dot1 - token->data;
-
-    rc = ngx_http_credits_jwt_decode_json(&segment, pool, &json);
+    rc = ngx_http_credits_jwt_decode_json(&segments[0], pool, &json);
     if (rc != NGX_OK) {
         *reason = "malformed token header";
         return rc;
@@ -308,10 +299,7 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
         return rc;
     }
 
-    segment.data = dot1 + 1;
-    segment.len = dot2 - segment.data;
-
-    rc = ngx_http_credits_jwt_decode_json(&segment, pool, &json);
+    rc = ngx_http_credits_jwt_decode_json(&segments[1], pool, &json);
     if (rc != NGX_OK) {
         *reason = "malformed token claims";
         return rc;
@@ -332,6 +320,64 @@ ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
     json_decref(json);
 
     return rc;
+}
+
+
+/*
+ * Three segments of base64url without padding (RFC 7515), every byte
+ * checked in the one pass that finds the dots: nginx's decoder stops at
+ * "=" and libjwt takes "+" and "/" for "-" and "_", so a token spelled
+ * another way than its signer's would otherwise pass.  Only a token that
+ * passed here is ever cached.
+ */
+
+static ngx_int_t
+ngx_http_credits_jwt_split(ngx_str_t *token, ngx_str_t *segments,
+    const char **reason)
+{
+    u_char      c, *p, *last;
+    ngx_uint_t  n;
+
+    static const char  *malformed[] = {
+        "malformed token header: base64url expected",
+        "malformed token claims: base64url expected",
+        "malformed token signature: base64url expected"
+    };
+
+    n = 0;
+    segments[0].data = token->data;
+    last = token->data + token->len;
+
+    for (p = token->data; p < last; p++) {
+        c = *p;
+
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || (c >= '0' && c <= '9') || c == '-' || c == '_')
+        {
+            continue;
+        }
+
+        if (c != '.') {
+            *reason = malformed[n];
+            return NGX_DECLINED;
+        }
+
+        if (n == 2) {
+            break;
+        }
+
+        segments[n].len = p - segments[n].data;
+        segments[++n].data = p + 1;
+    }
+
+    if (n != 2 || p != last || p == segments[2].data) {
+        *reason = "malformed token: three non-empty segments expected";
+        return NGX_DECLINED;
+    }
+
+    segments[2].len = last - segments[2].data;
+
+    return NGX_OK;
 }
 
 

@@ -330,9 +330,20 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         }
     }
 
+    /*
+     * A route set above is inherited, into nested locations and the "if"
+     * and "limit_except" blocks too; a location without one is its own
+     * route (a block takes its location's name), not its parent's.
+     */
+
+    if (conf->route.data == NULL && !prev->route_default) {
+        conf->route = prev->route;
+    }
+
     if (conf->route.data == NULL) {
         clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
         conf->route = clcf->name;
+        conf->route_default = 1;
     }
 
     conf->route_hash = ngx_hash_key(conf->route.data, conf->route.len);
@@ -346,6 +357,7 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->jwt.key.data == NULL) {
         conf->jwt.key = prev->jwt.key;
         conf->jwt.key_type = prev->jwt.key_type;
+        conf->jwt.key_bits = prev->jwt.key_bits;
     }
 
     if (conf->jwt.algorithms == 0) {

@@ -78,6 +78,7 @@ typedef struct {
     ngx_http_complex_value_t       *price;
     ngx_str_t                       route;
     ngx_uint_t                      route_hash;
+    ngx_uint_t                      route_default;  /* unsigned:1 */
     ngx_str_t                       cost_header;
     ngx_msec_t                      hold_ttl;
     ngx_uint_t                      fail;
