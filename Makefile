@@ -3,6 +3,8 @@
 #   make            build the module (build/nginx/objs/ngx_http_credits_module.so)
 #   make test       install what is missing, build, run the whole t/ suite
 #   make demo       start a demo platform on 127.0.0.1 (make demo-stop ends it)
+#   make deb        the Debian packages, in build/deb/ (lintian-checked)
+#   make test-package   install them here, serve a charged request, purge
 
 NGINX_SRC  ?= /usr/share/nginx/src
 NGINX_BIN  ?= /usr/sbin/nginx
@@ -30,12 +32,16 @@ ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
 CREDITSCTL := $(BUILD)/creditsctl
 
-.PHONY: bench profile soak all deps module test test-asan module-asan demo demo-stop clean
+.PHONY: deb test-package bench profile soak all deps module test test-asan module-asan demo demo-stop clean
 
 all: module $(CREDITSCTL)
 
+# debian/rules sets INSTALL_DEPS=true: a package build checks its
+# Build-Depends instead of installing anything
+INSTALL_DEPS ?= tools/install-deps
+
 deps:
-	@tools/install-deps
+	@$(INSTALL_DEPS)
 
 # nginx-dev ships headers and configure, not sources: configure runs in a
 # directory of ours whose auto/, src/ and configure point into it, so the
@@ -57,7 +63,7 @@ module: $(NGX_BUILD)/objs/Makefile
 $(CREDITSCTL): creditsctl/creditsctl.c | deps
 	@mkdir -p $(BUILD)
 	$(CC) -std=c99 -D_DEFAULT_SOURCE -O2 -g -Wall -Wextra -Werror \
-	    -o $@ $< -lhiredis
+	    $(EXTRA_CC_OPT) -o $@ $< -lhiredis $(EXTRA_LD_OPT)
 
 test: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
@@ -94,6 +100,13 @@ profile: module
 soak: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
 	CREDITSCTL=$(CURDIR)/$(CREDITSCTL) tools/soak
+
+# debian/rules builds with this Makefile: see tools/build-deb
+deb: | deps
+	@tools/build-deb
+
+test-package: deb
+	@tools/test-package
 
 demo: module
 	@tools/demo start
