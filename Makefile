@@ -31,6 +31,7 @@ ASAN_FLAGS := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
 ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
 CREDITSCTL := $(BUILD)/creditsctl
+DEB_DIR    := $(BUILD)/deb
 
 .PHONY: deb test-package bench profile soak all deps module test test-asan module-asan demo demo-stop clean
 
@@ -103,10 +104,11 @@ soak: module $(CREDITSCTL)
 
 # debian/rules builds with this Makefile: see tools/build-deb
 deb: | deps
-	@tools/build-deb
+	@tools/build-deb $(DEB_DIR)
 
+# installs the packages on this machine (as root), then purges them
 test-package: deb
-	@tools/test-package
+	CREDITS_TEST_PACKAGE=$(CURDIR)/$(DEB_DIR) prove -v t/package.t
 
 demo: module
 	@tools/demo start
