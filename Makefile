@@ -3,6 +3,8 @@
 #   make            build the module (build/nginx/objs/ngx_http_credits_module.so)
 #   make test       install what is missing, build, run the whole t/ suite
 #   make demo       start a demo platform on 127.0.0.1 (make demo-stop ends it)
+#   make deb        the Debian packages, in build/deb/ (lintian-checked)
+#   make test-package   install them here, serve a charged request, purge
 
 NGINX_SRC  ?= /usr/share/nginx/src
 NGINX_BIN  ?= /usr/sbin/nginx
@@ -29,13 +31,18 @@ ASAN_FLAGS := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
 ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 
 CREDITSCTL := $(BUILD)/creditsctl
+DEB_DIR    := $(BUILD)/deb
 
-.PHONY: bench profile soak all deps module test test-asan module-asan demo demo-stop clean
+.PHONY: deb test-package bench profile soak all deps module test test-asan module-asan demo demo-stop clean
 
 all: module $(CREDITSCTL)
 
+# debian/rules sets INSTALL_DEPS=true: a package build checks its
+# Build-Depends instead of installing anything
+INSTALL_DEPS ?= tools/install-deps
+
 deps:
-	@tools/install-deps
+	@$(INSTALL_DEPS)
 
 # nginx-dev ships headers and configure, not sources: configure runs in a
 # directory of ours whose auto/, src/ and configure point into it, so the
@@ -60,7 +67,7 @@ CREDITSCTL_SRC := creditsctl/creditsctl.c creditsctl/redis.c \
 $(CREDITSCTL): $(CREDITSCTL_SRC) creditsctl/creditsctl.h | deps
 	@mkdir -p $(BUILD)
 	$(CC) -std=c99 -D_DEFAULT_SOURCE -O2 -g -Wall -Wextra -Werror \
-	    -o $@ $(CREDITSCTL_SRC) -lhiredis
+	    $(EXTRA_CC_OPT) -o $@ $(CREDITSCTL_SRC) -lhiredis $(EXTRA_LD_OPT)
 
 test: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
@@ -97,6 +104,14 @@ profile: module
 soak: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \
 	CREDITSCTL=$(CURDIR)/$(CREDITSCTL) tools/soak
+
+# debian/rules builds with this Makefile: see tools/build-deb
+deb: | deps
+	@tools/build-deb $(DEB_DIR)
+
+# installs the packages on this machine (as root), then purges them
+test-package: deb
+	CREDITS_TEST_PACKAGE=$(CURDIR)/$(DEB_DIR) prove -v t/package.t
 
 demo: module
 	@tools/demo start

@@ -558,8 +558,9 @@ sub write_conf {
     my $d = $self->{dir};
     my $module = $ENV{CREDITS_MODULE}
         || "$TOP/build/nginx/objs/ngx_http_credits_module.so";
+    my $load = $self->{load} // "load_module $module;";
     my $conf = $self->{conf} // <<"END";
-load_module $module;
+$load
 worker_processes @{[ $self->{workers} || 1 ]};
 error_log $d/error.log @{[ $self->{log_level} || 'info' ]};
 pid $d/nginx.pid;
