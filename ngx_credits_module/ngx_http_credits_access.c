@@ -578,6 +578,12 @@ ngx_http_credits_cleanup(void *data)
         ctx->item = NULL;
     }
 
+    if (ctx->grow_item) {
+        /* the settle below goes to both members the growth may leave */
+        ctx->grow_item->data = NULL;
+        ctx->grow_item = NULL;
+    }
+
     if (ctx->held && !ctx->settled) {
         ngx_http_credits_settle(ctx);
     }

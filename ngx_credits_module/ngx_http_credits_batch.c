@@ -59,7 +59,10 @@ static void ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b,
 
 static ngx_http_credits_batch_t  *ngx_http_credits_batch_buckets[
                                              NGX_HTTP_CREDITS_BATCH_BUCKETS];
+/* in the order they were opened: a stream's growth goes before its settle */
 static ngx_http_credits_batch_t  *ngx_http_credits_batch_queue;
+static ngx_http_credits_batch_t **ngx_http_credits_batch_tail =
+                                                &ngx_http_credits_batch_queue;
 static ngx_event_t                ngx_http_credits_batch_event;
 
 /* what an item gets when the reply does not have its elements */
@@ -220,8 +223,9 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     b->next = *bucket;
     *bucket = b;
 
-    b->queued = ngx_http_credits_batch_queue;
-    ngx_http_credits_batch_queue = b;
+    b->queued = NULL;
+    *ngx_http_credits_batch_tail = b;
+    ngx_http_credits_batch_tail = &b->queued;
 
     if (!ngx_http_credits_batch_event.posted) {
         ngx_http_credits_batch_event.handler =
@@ -248,6 +252,7 @@ ngx_http_credits_batch_flush(void)
     /* handlers may open new batches while these are sent: detach first */
     b = ngx_http_credits_batch_queue;
     ngx_http_credits_batch_queue = NULL;
+    ngx_http_credits_batch_tail = &ngx_http_credits_batch_queue;
     ngx_memzero(ngx_http_credits_batch_buckets,
                 sizeof(ngx_http_credits_batch_buckets));
 

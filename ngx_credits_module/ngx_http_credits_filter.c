@@ -68,6 +68,12 @@ ngx_http_credits_header_filter(ngx_http_request_t *r)
         ngx_http_credits_read_cost(r, ctx, &ctx->lcf->cost_header);
     }
 
+    if (ctx->lcf->cost_event.len
+        && ngx_http_credits_stream_start(r, ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (ngx_http_credits_add_number(r, "X-Credits-Held", ctx->amount)
         != NGX_OK
         || ngx_http_credits_add_number(r, "X-Credits-Balance", ctx->balance)

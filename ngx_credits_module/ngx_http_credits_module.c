@@ -19,6 +19,8 @@ static char *ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_credits_price_slot(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_credits_step_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_http_credits_key_file(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_credits_algorithms(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -63,6 +65,20 @@ static ngx_command_t  ngx_http_credits_commands[] = {
       ngx_conf_set_str_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_credits_loc_conf_t, cost_header),
+      NULL },
+
+    { ngx_string("credits_cost_event"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_credits_loc_conf_t, cost_event),
+      NULL },
+
+    { ngx_string("credits_hold_step"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_credits_step_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_credits_loc_conf_t, hold_step),
       NULL },
 
     { ngx_string("credits_hold_ttl"),
@@ -273,6 +289,7 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
      *     lcf->price = NULL;
      *     lcf->route = { 0, NULL };
      *     lcf->cost_header = { 0, NULL };
+     *     lcf->cost_event = { 0, NULL };
      *     lcf->jwt.key = { 0, NULL };
      *     lcf->jwt.algorithms = 0;
      *     lcf->jwt.issuer = { 0, NULL };
@@ -283,6 +300,7 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
 
     lcf->enable = NGX_CONF_UNSET;
     lcf->hold_ttl = NGX_CONF_UNSET_MSEC;
+    lcf->hold_step = NGX_CONF_UNSET;
     lcf->fail = NGX_CONF_UNSET_UINT;
     lcf->jwt.leeway = NGX_CONF_UNSET;
     lcf->jwt.cache_size = NGX_CONF_UNSET_UINT;
@@ -308,6 +326,8 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->fail, prev->fail,
                               NGX_HTTP_CREDITS_ON_FAIL_CLOSE);
     ngx_conf_merge_str_value(conf->cost_header, prev->cost_header, "");
+    ngx_conf_merge_str_value(conf->cost_event, prev->cost_event, "");
+    ngx_conf_merge_value(conf->hold_step, prev->hold_step, 0);
 
     if (conf->price == NULL) {
         conf->price = prev->price;
@@ -533,6 +553,35 @@ ngx_http_credits_price_slot(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* credits_hold_step N: a positive number of credits */
+
+static char *
+ngx_http_credits_step_slot(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_credits_loc_conf_t *lcf = conf;
+
+    ngx_str_t  *value;
+
+    if (lcf->hold_step != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    lcf->hold_step = ngx_http_credits_parse_amount(value[1].data,
+                                                   value[1].len);
+
+    if (lcf->hold_step == NGX_ERROR || lcf->hold_step == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid credits_hold_step \"%V\": a positive "
+                           "integer is expected", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static char *
 ngx_http_credits_key_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
@@ -583,7 +632,11 @@ ngx_http_credits_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    return ngx_http_credits_filter_init(cf);
+    if (ngx_http_credits_filter_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_credits_stream_init(cf);
 }
 
 

@@ -80,6 +80,8 @@ typedef struct {
     ngx_uint_t                      route_hash;
     ngx_uint_t                      route_default;  /* unsigned:1 */
     ngx_str_t                       cost_header;
+    ngx_str_t                       cost_event;
+    ngx_int_t                       hold_step;
     ngx_msec_t                      hold_ttl;
     ngx_uint_t                      fail;
     ngx_http_credits_jwt_conf_t     jwt;
@@ -146,6 +148,28 @@ struct ngx_http_credits_batch_item_s {
 };
 
 
+#define NGX_HTTP_CREDITS_SSE_KEPT     1
+#define NGX_HTTP_CREDITS_SSE_DROPPED  2
+
+/* the cost events of a text/event-stream response (ngx_http_credits_sse.c) */
+typedef struct {
+    ngx_str_t                   name;         /* credits_cost_event */
+    u_char                     *event;        /* the event being read */
+    size_t                      len;
+    size_t                      line;         /* where its last line starts */
+    ngx_int_t                   data;         /* its data, a whole number */
+    ngx_uint_t                  data_lines;
+    ngx_int_t                   cost;         /* the last cost reported */
+    ngx_uint_t                  costs;        /* cost events read */
+    ngx_uint_t                  bad;          /* ... without a usable cost */
+    unsigned                    ended:2;      /* a CR ended an event: kept? */
+    unsigned                    cr:1;
+    unsigned                    empty:1;      /* at the start of a line */
+    unsigned                    is_cost:1;
+    unsigned                    passing:1;    /* too long to be a cost event */
+} ngx_http_credits_sse_t;
+
+
 /*
  * One per metered main request, kept in a pool cleanup so that it survives
  * internal redirects (which zero r->ctx).  The charge follows the metered
@@ -157,6 +181,10 @@ typedef struct {
     ngx_http_credits_loc_conf_t    *lcf;          /* location in charge */
     ngx_http_upstream_t            *upstream;     /* r->upstream at its gate */
     ngx_http_credits_batch_item_t  *item;         /* hold or move in flight */
+    ngx_http_credits_batch_item_t  *grow_item;    /* a stream's growth */
+    ngx_http_credits_sse_t         *sse;          /* a stream's cost events */
+    ngx_chain_t                    *free;         /* the stream's buffers */
+    ngx_chain_t                    *busy;
     ngx_event_t                     wait;         /* hold timeout and resume */
 
     ngx_str_t                       project;
@@ -168,6 +196,7 @@ typedef struct {
 
     ngx_int_t                       price;        /* at most this is charged */
     ngx_int_t                       amount;       /* credits held */
+    ngx_int_t                       grow_to;      /* amount a growth asks */
     ngx_int_t                       balance;
     ngx_int_t                       charged;
     ngx_uint_t                      status;
@@ -184,6 +213,8 @@ typedef struct {
     unsigned                        cost_read:1;
     unsigned                        decided:1;
     unsigned                        settled:1;
+    unsigned                        growing:1;    /* "moved" may be the hold */
+    unsigned                        stream_done:1;
 } ngx_http_credits_ctx_t;
 
 
@@ -251,6 +282,8 @@ ngx_int_t ngx_http_credits_hold(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
 ngx_int_t ngx_http_credits_move(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+void ngx_http_credits_grow(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_int_t amount);
 ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
 
 /* settle */
@@ -269,6 +302,20 @@ ngx_int_t ngx_http_credits_prices_init(ngx_cycle_t *cycle,
 ngx_int_t ngx_http_credits_price_override(ngx_str_t *route, ngx_uint_t hash);
 ngx_array_t *ngx_http_credits_prices_parse(redisReply *reply,
     ngx_pool_t *pool);
+
+/* cost events of a stream */
+ngx_int_t ngx_http_credits_sse_init(ngx_http_credits_sse_t *sse,
+    ngx_str_t *name, ngx_pool_t *pool);
+u_char *ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
+    u_char *last, u_char *out, ngx_uint_t last_buf);
+
+/* streams */
+ngx_int_t ngx_http_credits_stream_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_credits_stream_start(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx);
+void ngx_http_credits_stream_grown(ngx_http_credits_ctx_t *ctx);
+void ngx_http_credits_stream_stop(ngx_http_credits_ctx_t *ctx,
+    ngx_int_t required);
 
 /* response filter */
 ngx_int_t ngx_http_credits_filter_init(ngx_conf_t *cf);

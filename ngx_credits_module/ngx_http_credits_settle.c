@@ -116,7 +116,16 @@ ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
     if (ctx->header_seen && ctx->status < 400 && !ctx->stand_in) {
         ctx->outcome = NGX_HTTP_CREDITS_COMMITTED;
 
-        if (!ctx->cost_read) {
+        if (ctx->sse && ctx->sse->cost >= 0) {
+            /*
+             * a stream: the last cost it reported, at most what is held;
+             * while a growth is unanswered the settle goes to both
+             * members, and the script cuts this to the one it finds
+             */
+            ctx->charged = ngx_min(ctx->sse->cost,
+                                   ctx->growing ? ctx->grow_to : ctx->amount);
+
+        } else if (!ctx->cost_read) {
             ctx->charged = ctx->price;
         }
 
@@ -130,14 +139,28 @@ ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
 void
 ngx_http_credits_settle(ngx_http_credits_ctx_t *ctx)
 {
+    ngx_uint_t   status;
+    const char  *outcome;
+
     ngx_http_credits_decide(ctx);
 
     ctx->settled = 1;
 
+    status = ctx->header_seen ? ctx->status : 499;
+    outcome = (ctx->outcome == NGX_HTTP_CREDITS_COMMITTED) ? "commit"
+                                                           : "release";
+
     ngx_http_credits_send_settle(ctx->keys, &ctx->member, ctx->charged,
-                                 ctx->header_seen ? ctx->status : 499,
-                                 ctx->outcome == NGX_HTTP_CREDITS_COMMITTED
-                                 ? "commit" : "release", NULL);
+                                 status, outcome,
+                                 ctx->growing ? &ngx_http_credits_unsure
+                                              : NULL);
+
+    if (ctx->growing) {
+        /* a stream's growth was not answered: the hold is one of the two */
+        ngx_http_credits_send_settle(ctx->keys, &ctx->moved, ctx->charged,
+                                     status, outcome,
+                                     &ngx_http_credits_unsure);
+    }
 }
 
 

@@ -423,7 +423,11 @@ package CreditsTest::Upstream;
 
 # A real HTTP/1.1 server on loopback, one process per connection; the
 # query string says how to answer: status, cost, sleep, reset, body, hdr,
-# echo (the body is the request's X-* headers, one "name: value" a line).
+# echo (the body is the request's X-* headers, one "name: value" a line),
+# and text/event-stream answers: sse=N message events, costs=C,C,... cost
+# events (event: credits) spread among them, gap=S between writes; or
+# raw=BYTES sent as an event stream in two writes split at split=K;
+# pause_after=N waits a second after the Nth piece.
 
 use strict;
 use warnings;
@@ -492,6 +496,8 @@ sub serve {
         sleep $q{sleep} if $q{sleep};
         return if $q{reset};
 
+        return serve_sse($c, $log, \%q) if defined $q{sse} || defined $q{raw};
+
         my $status = $q{status} || 200;
         my $out = $q{body} // '{"ok":true}';
         $out = join '', map { "$_: $h{$_}\n" } sort grep { /^x-/ } keys %h
@@ -503,6 +509,39 @@ sub serve {
         print $c "$resp\r\n$out";
         return if ($h{connection} // '') =~ /close/i;
     }
+}
+
+# an event stream, written piece by piece; the log says how far it got
+sub serve_sse {
+    my ($c, $log, $q) = @_;
+    local $SIG{PIPE} = 'IGNORE';
+    $c->autoflush(1);
+    my @pieces;
+    if (defined $q->{raw}) {
+        my $k = $q->{split} // 0;
+        @pieces = (substr($q->{raw}, 0, $k), substr($q->{raw}, $k));
+    } else {
+        my @costs = split /,/, $q->{costs} // '';
+        my $every = @costs ? int($q->{sse} / @costs) : 0;
+        for my $i (1 .. $q->{sse}) {
+            push @pieces, "event: message\ndata: chunk $i\n\n";
+            push @pieces, "event: credits\ndata: " . shift(@costs) . "\n\n"
+                if $every && $i % $every == 0 && @costs;
+        }
+    }
+    print $c "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+           . "Cache-Control: no-cache\r\nConnection: close\r\n\r\n";
+    my $sent = 0;
+    for my $piece (@pieces) {
+        sleep($q->{gap} // 0.02);
+        sleep 1 if $q->{pause_after} && $sent == $q->{pause_after};
+        last unless print $c $piece;
+        $sent++;
+    }
+    open my $f, '>>', $log;
+    print $f "sse wrote $sent of " . @pieces . "\n";
+    close $f;
+    return;
 }
 
 sub port { $_[0]->{port} }
