@@ -449,7 +449,9 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
             cmd->asking = 1;
         }
 
-        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rt->log, 0, "credits: %V", &err);
+        /* seen during resharding and failover only */
+        ngx_log_error(NGX_LOG_INFO, rt->log, 0, "credits: redis %V: %V",
+                      &ngx_http_credits_node_addr(node)->name, &err);
 
         if (ngx_http_credits_router_send(cmd) != NGX_OK) {
             ngx_http_credits_router_pause(cmd, "redirected to a node that "
@@ -489,6 +491,9 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
 
     if (ngx_http_credits_is("TRYAGAIN")) {
         /* a script's keys are half migrated: the source asks again */
+        ngx_log_error(NGX_LOG_INFO, rt->log, 0, "credits: redis %V: %V",
+                      &ngx_http_credits_node_addr(node)->name, &err);
+
         cmd->node = NULL;
         cmd->asking = 0;
         ngx_http_credits_router_pause(cmd, NULL);
