@@ -138,6 +138,27 @@ is balance($race), 1, 'balance 1 left';
 is commits($race), 30, 'one commit per 200';
 $ngx2->stop;
 
+# -- creditsctl on any node follows MOVED and ASK ------------------------
+
+my $bin = $ENV{CREDITSCTL} || 'build/creditsctl';
+sub ctl {
+    my ($port, @args) = @_;
+    my $out = `$bin --redis 127.0.0.1:$port @args 2>&1`;
+    return ($? >> 8, $out);
+}
+my $pc = $per->{$masters[2]};
+my ($rc, $ctl_out) = ctl($masters[0], 'topup', $pc, 100);
+is $rc, 0, 'creditsctl topup through a node that does not own the project' or diag $ctl_out;
+is balance($pc), 128, 'the top-up landed on the owner';
+($rc, $ctl_out) = ctl($replica->port, 'balance', $pc);
+is_deeply [$rc, $ctl_out], [0, "128\n"], 'creditsctl balance through a replica';
+($rc, $ctl_out) = ctl($masters[1], 'audit', $pc, '--start', 50);
+is $rc, 0, 'creditsctl audit on the cluster: the books balance' or diag $ctl_out;
+($rc) = ctl($masters[0], 'price', 'other', 9);
+is $rc, 0, 'creditsctl price on the cluster';
+is $cluster->cmd('HGET', 'credits:prices', 'other'), 9, 'the price is on the owner';
+ctl($masters[0], 'price', 'other', '--unset');
+
 # -- load: clients cycling over projects, a line per request --------------
 
 # forks $n clients running until $stop exists; returns their pids
