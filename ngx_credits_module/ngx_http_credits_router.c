@@ -496,7 +496,7 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
 
         cmd->node = NULL;
         cmd->asking = 0;
-        ngx_http_credits_router_pause(cmd, NULL);
+        ngx_http_credits_router_pause(cmd, "a slot migrating");
         return NGX_OK;
     }
 
@@ -510,7 +510,7 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
         cmd->node = NULL;
         cmd->asking = 0;
         ngx_http_credits_router_refresh(node);
-        ngx_http_credits_router_pause(cmd, NULL);
+        ngx_http_credits_router_pause(cmd, "a node that cannot serve");
         return NGX_OK;
     }
 
