@@ -75,25 +75,96 @@ connect_redis(options_t *o)
 }
 
 
+/*
+ * A cluster's node answers MOVED or ASK for a key it does not serve: the
+ * command goes again, the same bytes, to the node named (after ASKING
+ * for an ASK), which serves the next commands too.
+ */
+
+static int
+redirected(options_t *o, redisReply *r, int *asking)
+{
+    static char  node[2][300];
+    static int   n;
+    const char  *p;
+
+    if (strncmp(r->str, "MOVED ", 6) == 0) {
+        *asking = 0;
+
+    } else if (strncmp(r->str, "ASK ", 4) == 0) {
+        *asking = 1;
+
+    } else {
+        return 0;
+    }
+
+    /* "MOVED 3999 127.0.0.1:6381": the address after the slot */
+    p = strchr(r->str, ' ');
+    p = p ? strchr(p + 1, ' ') : NULL;
+
+    if (p == NULL || strlen(p + 1) >= sizeof(node[0])) {
+        return 0;
+    }
+
+    /* the previous address may still be o->redis: two buffers in turn */
+    o->redis = strcpy(node[n++ % 2], p + 1);
+
+    redisFree(o->ctx);
+    o->ctx = NULL;
+
+    return 1;
+}
+
+
 /* every command's reply goes through here: errors end the program */
 
 redisReply *
 run(options_t *o, const char *fmt, ...)
 {
+    int          len, hops, asking;
+    char        *cmd;
     va_list      ap;
     redisReply  *r;
 
-    if (o->ctx == NULL) {
-        connect_redis(o);
-    }
-
     va_start(ap, fmt);
-    r = redisvCommand(o->ctx, fmt, ap);
+    len = redisvFormatCommand(&cmd, fmt, ap);
     va_end(ap);
 
-    if (r == NULL) {
-        die(EXIT_REDIS, "redis %s: %s", o->redis, o->ctx->errstr);
+    if (len < 0) {
+        die(EXIT_REDIS, "out of memory");
     }
+
+    asking = 0;
+
+    for (hops = 0; /* void */; hops++) {
+
+        if (o->ctx == NULL) {
+            connect_redis(o);
+        }
+
+        if (asking) {
+            freeReplyObject(redisCommand(o->ctx, "ASKING"));
+        }
+
+        r = NULL;
+
+        if (redisAppendFormattedCommand(o->ctx, cmd, len) != REDIS_OK
+            || redisGetReply(o->ctx, (void **) &r) != REDIS_OK
+            || r == NULL)
+        {
+            die(EXIT_REDIS, "redis %s: %s", o->redis, o->ctx->errstr);
+        }
+
+        if (r->type != REDIS_REPLY_ERROR || hops == 5
+            || !redirected(o, r, &asking))
+        {
+            break;
+        }
+
+        freeReplyObject(r);
+    }
+
+    free(cmd);
 
     if (r->type == REDIS_REPLY_ERROR) {
         die(EXIT_REDIS, "redis %s: %s", o->redis, r->str);

@@ -302,8 +302,10 @@ ngx_http_credits_batch_send(ngx_http_credits_batch_t *b)
         }
     }
 
-    if (ngx_http_credits_redis_command(b->script, argc, argv, argvlen,
-                                       ngx_http_credits_batch_reply, b, NULL)
+    /* keys[0] names the project: the router sends it to the project's node */
+    if (ngx_http_credits_redis_command(&b->keys[0], b->script, argc, argv,
+                                       argvlen, ngx_http_credits_batch_reply,
+                                       b)
         != NGX_OK)
     {
         /* the connection went away since the items were added */

@@ -407,17 +407,16 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 }
 
 
-/* credits_redis ADDR [password=S] [db=N] [timeout=T] */
+/* credits_redis ADDR... [password=S] [db=N] [timeout=T] */
 
 static char *
 ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_credits_main_conf_t *cmcf = conf;
 
-    u_char                         *p;
-    ngx_url_t                       u;
     ngx_str_t                      *value, s;
     ngx_uint_t                      i;
+    ngx_http_credits_redis_addr_t   addr, *a;
     ngx_http_credits_redis_conf_t  *rc;
 
     rc = &cmcf->redis;
@@ -428,51 +427,52 @@ ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
-    ngx_memzero(&u, sizeof(ngx_url_t));
+    /* addresses first, tried in turn; then the parameters, with a "=" */
 
-    u.url = value[1];
-    u.default_port = 6379;
-
-    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid redis address \"%V\": %s",
-                           &u.url, u.err ? u.err : "unknown error");
-        return NGX_CONF_ERROR;
-    }
-
-    if (u.naddrs == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "redis address \"%V\" has no addresses", &u.url);
-        return NGX_CONF_ERROR;
-    }
-
-    rc->name = value[1];
-
-    /* resolved here, once: a worker must never wait on DNS */
-
-    p = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
-    if (p == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-#if (NGX_HAVE_UNIX_DOMAIN)
-    if (u.family == AF_UNIX) {
-        rc->unix_socket = 1;
-        rc->host.data = p;
-        rc->host.len = ngx_cpystrn(p,
-                   (u_char *) ((struct sockaddr_un *) u.addrs[0].sockaddr)
-                   ->sun_path, NGX_SOCKADDR_STRLEN) - p;
-    } else
-#endif
+    for (i = 1;
+         i < cf->args->nelts
+         && ngx_strlchr(value[i].data, value[i].data + value[i].len, '=')
+            == NULL;
+         i++)
     {
-        rc->host.data = p;
-        rc->host.len = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen,
-                                     p, NGX_SOCKADDR_STRLEN, 0);
-        p[rc->host.len] = '\0';
-        rc->port = u.port;
+        a = &addr;
+
+        if (i > 1) {
+            if (rc->others == NULL) {
+                rc->others = ngx_array_create(cf->pool, 2,
+                                       sizeof(ngx_http_credits_redis_addr_t));
+                if (rc->others == NULL) {
+                    return NGX_CONF_ERROR;
+                }
+            }
+
+            a = ngx_array_push(rc->others);
+            if (a == NULL) {
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        if (ngx_http_credits_redis_parse_addr(cf, &value[i], a)
+            != NGX_CONF_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+
+        if (i == 1) {
+            rc->host = addr.host;
+            rc->port = addr.port;
+            rc->unix_socket = addr.unix_socket;
+            rc->name = addr.name;
+        }
     }
 
-    for (i = 2; i < cf->args->nelts; i++) {
+    if (i == 1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"credits_redis\" needs an address first");
+        return NGX_CONF_ERROR;
+    }
+
+    for ( /* void */ ; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
             rc->password.data = value[i].data + 9;

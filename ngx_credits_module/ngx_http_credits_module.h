@@ -56,10 +56,20 @@ typedef struct {
     ngx_str_t                   host;         /* numeric, or unix path */
     in_port_t                   port;
     ngx_uint_t                  unix_socket;  /* unsigned:1 */
+    ngx_str_t                   name;         /* as configured, for logs */
+} ngx_http_credits_redis_addr_t;
+
+
+/* the first address inline, any further ones (tried in turn) in "others" */
+typedef struct {
+    ngx_str_t                   host;         /* numeric, or unix path */
+    in_port_t                   port;
+    ngx_uint_t                  unix_socket;  /* unsigned:1 */
     ngx_str_t                   password;
     ngx_int_t                   db;
     ngx_msec_t                  timeout;
     ngx_str_t                   name;         /* as configured, for logs */
+    ngx_array_t                *others;       /* of ngx_http_credits_redis_addr_t */
 } ngx_http_credits_redis_conf_t;
 
 
@@ -100,6 +110,11 @@ typedef struct {
 
 
 typedef struct ngx_http_credits_redis_cmd_s  ngx_http_credits_redis_cmd_t;
+typedef struct ngx_http_credits_node_s       ngx_http_credits_node_t;
+struct redisAsyncContext;
+
+typedef void (*ngx_http_credits_node_reply_pt)(struct redisAsyncContext *ac,
+    void *reply, void *privdata);
 
 typedef void (*ngx_http_credits_redis_handler_pt)(
     ngx_http_credits_redis_cmd_t *cmd, redisReply *reply);
@@ -113,16 +128,22 @@ typedef struct {
 } ngx_http_credits_script_t;
 
 
-/* one command in flight; the handler runs exactly once, NULL reply on loss */
+/*
+ * One command in flight; the handler runs exactly once, with a NULL reply
+ * when the command may not have run: the connection was lost (it may have
+ * run), or Redis (a node, or the cluster) was unavailable within timeout=.
+ */
 struct ngx_http_credits_redis_cmd_s {
     ngx_http_credits_redis_handler_pt   handler;
     void                               *data;    /* NULL: caller is gone */
     ngx_http_credits_script_t          *script;
     ngx_msec_t                          start;
-    ngx_uint_t                          retried;
-    int                                 argc;
-    const char                        **argv;      /* unterminated */
-    size_t                             *argvlen;
+    ngx_int_t                           slot;    /* of its key, -1: none */
+    ngx_uint_t                          hops;    /* redirections, loads */
+    ngx_uint_t                          tries;   /* pauses */
+    ngx_http_credits_node_t            *node;    /* ASK target, or NULL */
+    ngx_event_t                         retry;
+    unsigned                            asking:1;
     u_char                             *formatted;  /* the protocol bytes */
     size_t                              formatted_len;
 };
@@ -253,17 +274,47 @@ ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
     u_char *digest, time_t now, double exp, ngx_str_t *project);
 
-/* redis adapter */
+/* redis router: the nodes, the cluster's slot map, redirections */
+char *ngx_http_credits_redis_parse_addr(ngx_conf_t *cf, ngx_str_t *url,
+    ngx_http_credits_redis_addr_t *addr);
 ngx_int_t ngx_http_credits_redis_init(ngx_cycle_t *cycle,
     ngx_http_credits_redis_conf_t *conf);
 void ngx_http_credits_redis_exit(void);
-ngx_int_t ngx_http_credits_redis_command(ngx_http_credits_script_t *script,
-    int argc, const char **argv, const size_t *argvlen,
-    ngx_http_credits_redis_handler_pt handler, void *data,
-    ngx_http_credits_redis_cmd_t **cmdp);
+ngx_int_t ngx_http_credits_redis_command(ngx_str_t *key,
+    ngx_http_credits_script_t *script, int argc, const char **argv,
+    const size_t *argvlen, ngx_http_credits_redis_handler_pt handler,
+    void *data);
 ngx_uint_t ngx_http_credits_redis_state(void);
 void ngx_http_credits_redis_hurry(void);
-ngx_uint_t ngx_http_credits_redis_reconnects(void);
+ngx_uint_t ngx_http_credits_key_slot(u_char *key, size_t len);
+void ngx_http_credits_router_reply(ngx_http_credits_node_t *node,
+    ngx_http_credits_redis_cmd_t *cmd, redisReply *reply, ngx_uint_t sent);
+void ngx_http_credits_router_probed(ngx_http_credits_node_t *node,
+    redisReply *reply);
+void ngx_http_credits_router_node_changed(ngx_http_credits_node_t *node);
+void ngx_http_credits_router_node_lost(ngx_http_credits_node_t *node,
+    ngx_uint_t was_up);
+
+/* redis node connection */
+ngx_http_credits_node_t *ngx_http_credits_node_create(
+    ngx_http_credits_redis_addr_t *addr, ngx_http_credits_redis_conf_t *conf,
+    ngx_log_t *log);
+void ngx_http_credits_node_free(ngx_http_credits_node_t *node);
+void ngx_http_credits_node_keep(ngx_http_credits_node_t *node, ngx_uint_t on,
+    ngx_uint_t probe);
+ngx_uint_t ngx_http_credits_node_connect(ngx_http_credits_node_t *node);
+ngx_uint_t ngx_http_credits_node_state(ngx_http_credits_node_t *node);
+ngx_uint_t ngx_http_credits_node_reconnects(ngx_http_credits_node_t *node);
+ngx_http_credits_redis_addr_t *ngx_http_credits_node_addr(
+    ngx_http_credits_node_t *node);
+void ngx_http_credits_node_hurry(ngx_http_credits_node_t *node);
+ngx_int_t ngx_http_credits_node_send(ngx_http_credits_node_t *node,
+    ngx_http_credits_redis_cmd_t *cmd);
+ngx_int_t ngx_http_credits_node_internal(ngx_http_credits_node_t *node,
+    int argc, const char **argv, const size_t *argvlen,
+    ngx_http_credits_node_reply_pt fn, void *privdata);
+ngx_int_t ngx_http_credits_node_load(ngx_http_credits_node_t *node,
+    ngx_http_credits_script_t *script);
 const char *ngx_http_credits_reply_error(redisReply *reply, ngx_str_t *err);
 
 /* batches of one project's holds or settles */

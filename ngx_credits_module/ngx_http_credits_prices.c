@@ -103,9 +103,10 @@ ngx_http_credits_prices_refresh(ngx_event_t *ev)
         argv[1] = (const char *) pr->key.data;
         argvlen[1] = pr->key.len;
 
-        if (ngx_http_credits_redis_command(NULL, 2, argv, argvlen,
+        /* from the node that owns the key, in a cluster */
+        if (ngx_http_credits_redis_command(&pr->key, NULL, 2, argv, argvlen,
                                            ngx_http_credits_prices_handler,
-                                           pr, NULL)
+                                           pr)
             == NGX_OK)
         {
             pr->in_flight = 1;

@@ -2,23 +2,29 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * The Redis adapter: hiredis's async API driven by nginx's event loop.
+ * A Redis node connection: hiredis's async API driven by nginx's event
+ * loop.  A worker has one per node it talks to (one for a standalone
+ * Redis, one per master of a cluster); the router (ngx_http_credits_
+ * router.c) decides which node serves a command and handles the replies.
  *
- * One connection per worker, every command pipelined on it.  The hiredis
- * socket is wrapped in an nginx connection whose read and write events
- * call redisAsyncHandleRead/Write; hiredis asks for reading and writing
- * through its ev hooks, which add and delete level-triggered events (the
- * model hiredis is written for: it reads and writes once per call).
- * Once connected, commands are not written one by one: hiredis's request
- * to write posts one flush event, so every command issued in an event loop
- * iteration leaves in one write(), and the socket is watched for
- * writability only when that write could not finish.
+ * The hiredis socket is wrapped in an nginx connection whose read and
+ * write events call redisAsyncHandleRead/Write; hiredis asks for reading
+ * and writing through its ev hooks, which add and delete level-triggered
+ * events (the model hiredis is written for: it reads and writes once per
+ * call).  Once connected, commands are not written one by one: hiredis's
+ * request to write posts one flush event, so every command issued in an
+ * event loop iteration leaves in one write(), and the socket is watched
+ * for writability only when that write could not finish.
+ *
  * Connect and stalls are bounded by nginx timers; a lost connection fails
- * every pending command (its handler gets a NULL reply) and is made again
- * with backoff, also while the worker shuts down gracefully (its settles
- * may wait for Redis; the connect timer is cancelable, so it never keeps
- * the worker alive by itself).  Nothing here ever blocks: addresses are
- * resolved at configuration time.
+ * every pending command (the router gets a NULL reply, and whether the
+ * command may have reached Redis).  A "persistent" node (the one a
+ * standalone Redis is) connects again by itself with backoff, also while
+ * the worker shuts down gracefully (its settles may wait for Redis; the
+ * connect timer is cancelable, so it never keeps the worker alive by
+ * itself); a cluster node connects again when a command needs it, once
+ * its backoff has passed.  Nothing here ever blocks: addresses are
+ * numeric, resolved at configuration time or given so by the cluster.
  */
 
 
@@ -39,146 +45,204 @@
 #define NGX_HTTP_CREDITS_STALL_FACTOR      3
 
 
-typedef struct {
-    redisAsyncContext              *ac;
-    ngx_connection_t               *conn;
-    ngx_http_credits_redis_conf_t  *conf;
-    ngx_log_t                      *log;
+struct ngx_http_credits_node_s {
+    redisAsyncContext                *ac;
+    ngx_connection_t                 *conn;
+    ngx_http_credits_redis_conf_t    *conf;
+    ngx_http_credits_redis_addr_t     addr;
+    ngx_log_t                        *log;
 
-    ngx_event_t                     connect_timer;  /* connect, backoff */
-    ngx_event_t                     stall_timer;    /* replies overdue */
-    ngx_event_t                     flush;          /* write the commands */
+    ngx_event_t                       connect_timer;  /* connect, backoff */
+    ngx_event_t                       stall_timer;    /* replies overdue */
+    ngx_event_t                       flush;          /* write the commands */
 
-    ngx_uint_t                      state;
-    ngx_uint_t                      pending;
-    ngx_uint_t                      reconnects;
-    ngx_msec_t                      backoff;
-    unsigned                        flushing:1;
-} ngx_http_credits_redis_t;
+    ngx_uint_t                        state;
+    ngx_uint_t                        pending;
+    ngx_uint_t                        reconnects;
+    ngx_msec_t                        backoff;
+    ngx_msec_t                        next_try;       /* on demand, not before */
+    unsigned                          flushing:1;
+    unsigned                          persistent:1;
+    unsigned                          probe:1;        /* ask INFO cluster */
+    unsigned                          tried:1;        /* connected once */
+};
 
 
-static void ngx_http_credits_redis_connect(void);
-static void ngx_http_credits_redis_reconnect_handler(ngx_event_t *ev);
-static void ngx_http_credits_redis_stall_handler(ngx_event_t *ev);
-static void ngx_http_credits_redis_on_connect(const redisAsyncContext *ac,
+static void ngx_http_credits_node_reconnect_handler(ngx_event_t *ev);
+static void ngx_http_credits_node_stall_handler(ngx_event_t *ev);
+static void ngx_http_credits_node_on_connect(const redisAsyncContext *ac,
     int status);
-static void ngx_http_credits_redis_setup(void);
-static void ngx_http_credits_redis_setup_reply(redisAsyncContext *ac,
+static void ngx_http_credits_node_setup(ngx_http_credits_node_t *node);
+static void ngx_http_credits_node_setup_reply(redisAsyncContext *ac,
     void *r, void *privdata);
-static ngx_int_t ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd);
-static u_char *ngx_http_credits_redis_length(u_char *p, u_char type,
-    size_t n);
-static void ngx_http_credits_redis_reply(redisAsyncContext *ac, void *r,
+static void ngx_http_credits_node_info_reply(redisAsyncContext *ac, void *r,
     void *privdata);
-static void ngx_http_credits_redis_read_handler(ngx_event_t *ev);
-static void ngx_http_credits_redis_write_handler(ngx_event_t *ev);
-static void ngx_http_credits_redis_add_read(void *data);
-static void ngx_http_credits_redis_del_read(void *data);
-static void ngx_http_credits_redis_flush_handler(ngx_event_t *ev);
-static void ngx_http_credits_redis_add_write(void *data);
-static void ngx_http_credits_redis_del_write(void *data);
-static void ngx_http_credits_redis_cleanup(void *data);
+static void ngx_http_credits_node_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_credits_node_read_handler(ngx_event_t *ev);
+static void ngx_http_credits_node_write_handler(ngx_event_t *ev);
+static void ngx_http_credits_node_add_read(void *data);
+static void ngx_http_credits_node_del_read(void *data);
+static void ngx_http_credits_node_flush_handler(ngx_event_t *ev);
+static void ngx_http_credits_node_add_write(void *data);
+static void ngx_http_credits_node_del_write(void *data);
+static void ngx_http_credits_node_cleanup(void *data);
 
 
-static ngx_http_credits_redis_t  ngx_http_credits_redis;
+/* a node of the address (copied); it connects when asked to */
 
-
-ngx_int_t
-ngx_http_credits_redis_init(ngx_cycle_t *cycle,
-    ngx_http_credits_redis_conf_t *conf)
+ngx_http_credits_node_t *
+ngx_http_credits_node_create(ngx_http_credits_redis_addr_t *addr,
+    ngx_http_credits_redis_conf_t *conf, ngx_log_t *log)
 {
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+    u_char                   *p;
+    ngx_http_credits_node_t  *node;
 
-    ngx_memzero(rd, sizeof(ngx_http_credits_redis_t));
+    node = ngx_calloc(sizeof(ngx_http_credits_node_t) + addr->host.len + 1
+                      + addr->name.len, log);
+    if (node == NULL) {
+        return NULL;
+    }
 
-    rd->conf = conf;
-    rd->log = cycle->log;
-    rd->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+    p = (u_char *) (node + 1);
 
-    rd->connect_timer.handler = ngx_http_credits_redis_reconnect_handler;
-    rd->connect_timer.log = cycle->log;
-    rd->connect_timer.data = rd;
-    rd->connect_timer.cancelable = 1;
+    node->addr = *addr;
+    node->addr.host.data = p;
+    p = ngx_cpymem(p, addr->host.data, addr->host.len);
+    *p++ = '\0';
+    node->addr.name.data = p;
+    ngx_memcpy(p, addr->name.data, addr->name.len);
+
+    node->conf = conf;
+    node->log = log;
+    node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+
+    node->connect_timer.handler = ngx_http_credits_node_reconnect_handler;
+    node->connect_timer.log = log;
+    node->connect_timer.data = node;
+    node->connect_timer.cancelable = 1;
 
     /* not cancelable: a worker shutting down waits for settles in flight */
-    rd->stall_timer.handler = ngx_http_credits_redis_stall_handler;
-    rd->stall_timer.log = cycle->log;
-    rd->stall_timer.data = rd;
+    node->stall_timer.handler = ngx_http_credits_node_stall_handler;
+    node->stall_timer.log = log;
+    node->stall_timer.data = node;
 
-    rd->flush.handler = ngx_http_credits_redis_flush_handler;
-    rd->flush.log = cycle->log;
-    rd->flush.data = rd;
+    node->flush.handler = ngx_http_credits_node_flush_handler;
+    node->flush.log = log;
+    node->flush.data = node;
 
-    ngx_http_credits_count_redis(0, 0);
-    ngx_http_credits_redis_connect();
-
-    return NGX_OK;
+    return node;
 }
 
 
+/* pending handlers run now, with a NULL reply */
+
 void
-ngx_http_credits_redis_exit(void)
+ngx_http_credits_node_free(ngx_http_credits_node_t *node)
 {
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+    node->persistent = 0;
 
-    if (rd->connect_timer.timer_set) {
-        ngx_del_timer(&rd->connect_timer);
+    if (node->connect_timer.timer_set) {
+        ngx_del_timer(&node->connect_timer);
     }
 
-    if (rd->ac) {
-        /* pending handlers run now, with a NULL reply */
-        redisAsyncFree(rd->ac);
+    if (node->ac) {
+        redisAsyncFree(node->ac);
     }
+
+    ngx_free(node);
+}
+
+
+/*
+ * A persistent node keeps connecting by itself; "probe" asks it whether
+ * it is part of a cluster on each connect.
+ */
+
+void
+ngx_http_credits_node_keep(ngx_http_credits_node_t *node, ngx_uint_t on,
+    ngx_uint_t probe)
+{
+    node->persistent = on;
+    node->probe = probe;
+
+    if (!on && node->ac == NULL && node->connect_timer.timer_set) {
+        ngx_del_timer(&node->connect_timer);
+    }
+}
+
+
+ngx_uint_t
+ngx_http_credits_node_state(ngx_http_credits_node_t *node)
+{
+    return node->state;
+}
+
+
+ngx_uint_t
+ngx_http_credits_node_reconnects(ngx_http_credits_node_t *node)
+{
+    return node->reconnects;
+}
+
+
+ngx_http_credits_redis_addr_t *
+ngx_http_credits_node_addr(ngx_http_credits_node_t *node)
+{
+    return &node->addr;
 }
 
 
 /* work waits for the connection while the worker exits: try again soon */
 
 void
-ngx_http_credits_redis_hurry(void)
+ngx_http_credits_node_hurry(ngx_http_credits_node_t *node)
 {
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+    node->next_try = 0;
 
-    if (rd->ac == NULL && rd->backoff > NGX_HTTP_CREDITS_BACKOFF_MIN) {
-        rd->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
-        ngx_add_timer(&rd->connect_timer, NGX_HTTP_CREDITS_BACKOFF_MIN);
+    if (node->ac == NULL && node->persistent
+        && node->backoff > NGX_HTTP_CREDITS_BACKOFF_MIN)
+    {
+        node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+        ngx_add_timer(&node->connect_timer, NGX_HTTP_CREDITS_BACKOFF_MIN);
     }
 }
 
 
-ngx_uint_t
-ngx_http_credits_redis_state(void)
-{
-    return ngx_http_credits_redis.state;
-}
-
+/*
+ * Connects unless connected or connecting, or while the backoff of the
+ * last failure lasts.  Returns the node's state.
+ */
 
 ngx_uint_t
-ngx_http_credits_redis_reconnects(void)
+ngx_http_credits_node_connect(ngx_http_credits_node_t *node)
 {
-    return ngx_http_credits_redis.reconnects;
-}
-
-
-static void
-ngx_http_credits_redis_connect(void)
-{
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
-
     ngx_connection_t   *c;
     redisAsyncContext  *ac;
 
-    if (rd->conf->unix_socket) {
-        ac = redisAsyncConnectUnix((char *) rd->conf->host.data);
+    if (node->ac || (ngx_msec_int_t) (node->next_try - ngx_current_msec) > 0
+        || ngx_terminate)
+    {
+        return node->state;
+    }
+
+    if (node->tried) {
+        node->reconnects++;
+    }
+
+    node->tried = 1;
+
+    if (node->addr.unix_socket) {
+        ac = redisAsyncConnectUnix((char *) node->addr.host.data);
 
     } else {
-        ac = redisAsyncConnect((char *) rd->conf->host.data, rd->conf->port);
+        ac = redisAsyncConnect((char *) node->addr.host.data, node->addr.port);
     }
 
     if (ac == NULL || ac->err) {
-        ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+        ngx_log_error(NGX_LOG_ERR, node->log, 0,
                       "credits: redis %V: cannot connect: %s",
-                      &rd->conf->name, ac ? ac->errstr : "out of memory");
+                      &node->addr.name, ac ? ac->errstr : "out of memory");
         if (ac) {
             redisAsyncFree(ac);
         }
@@ -186,156 +250,219 @@ ngx_http_credits_redis_connect(void)
         goto retry;
     }
 
-    c = ngx_get_connection(ac->c.fd, rd->log);
+    c = ngx_get_connection(ac->c.fd, node->log);
     if (c == NULL) {
         redisAsyncFree(ac);
         goto retry;
     }
 
-    c->data = rd;
-    c->log = rd->log;
-    c->read->handler = ngx_http_credits_redis_read_handler;
-    c->write->handler = ngx_http_credits_redis_write_handler;
-    c->read->log = rd->log;
-    c->write->log = rd->log;
+    c->data = node;
+    c->log = node->log;
+    c->read->handler = ngx_http_credits_node_read_handler;
+    c->write->handler = ngx_http_credits_node_write_handler;
+    c->read->log = node->log;
+    c->write->log = node->log;
 
-    rd->ac = ac;
-    rd->conn = c;
-    rd->state = NGX_HTTP_CREDITS_REDIS_CONNECTING;
+    node->ac = ac;
+    node->conn = c;
+    node->state = NGX_HTTP_CREDITS_REDIS_CONNECTING;
 
+    ac->data = node;
     ac->ev.data = c;
-    ac->ev.addRead = ngx_http_credits_redis_add_read;
-    ac->ev.delRead = ngx_http_credits_redis_del_read;
-    ac->ev.addWrite = ngx_http_credits_redis_add_write;
-    ac->ev.delWrite = ngx_http_credits_redis_del_write;
-    ac->ev.cleanup = ngx_http_credits_redis_cleanup;
+    ac->ev.addRead = ngx_http_credits_node_add_read;
+    ac->ev.delRead = ngx_http_credits_node_del_read;
+    ac->ev.addWrite = ngx_http_credits_node_add_write;
+    ac->ev.delWrite = ngx_http_credits_node_del_write;
+    ac->ev.cleanup = ngx_http_credits_node_cleanup;
 
-    redisAsyncSetConnectCallback(ac, ngx_http_credits_redis_on_connect);
+    redisAsyncSetConnectCallback(ac, ngx_http_credits_node_on_connect);
 
     /* writable means connected (or refused); hiredis asked for it already
      * in redisAsyncSetConnectCallback(), this says so where it matters */
-    ngx_http_credits_redis_add_write(c);
+    ngx_http_credits_node_add_write(c);
 
-    ngx_add_timer(&rd->connect_timer, rd->conf->timeout);
+    if (node->connect_timer.timer_set) {
+        ngx_del_timer(&node->connect_timer);
+    }
 
-    /* AUTH, SELECT and SCRIPT LOAD go first on the new connection */
-    ngx_http_credits_redis_setup();
+    ngx_add_timer(&node->connect_timer, node->conf->timeout);
 
-    return;
+    /* AUTH, INFO, SELECT and SCRIPT LOAD go first on the new connection */
+    ngx_http_credits_node_setup(node);
+
+    return node->state;
 
 retry:
 
-    ngx_add_timer(&rd->connect_timer, rd->backoff);
-    rd->backoff = ngx_min(rd->backoff * 2, NGX_HTTP_CREDITS_BACKOFF_MAX);
+    node->next_try = ngx_current_msec + node->backoff;
+
+    if (node->persistent) {
+        ngx_add_timer(&node->connect_timer, node->backoff);
+    }
+
+    node->backoff = ngx_min(node->backoff * 2, NGX_HTTP_CREDITS_BACKOFF_MAX);
+
+    return node->state;
 }
 
 
 static void
-ngx_http_credits_redis_reconnect_handler(ngx_event_t *ev)
+ngx_http_credits_node_reconnect_handler(ngx_event_t *ev)
 {
-    ngx_http_credits_redis_t  *rd = ev->data;
+    ngx_http_credits_node_t  *node = ev->data;
 
-    if (rd->state == NGX_HTTP_CREDITS_REDIS_CONNECTING) {
-        ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+    if (node->state == NGX_HTTP_CREDITS_REDIS_CONNECTING) {
+        ngx_log_error(NGX_LOG_ERR, node->log, 0,
                       "credits: redis %V: connect timed out after %Mms",
-                      &rd->conf->name, rd->conf->timeout);
+                      &node->addr.name, node->conf->timeout);
 
-        redisAsyncFree(rd->ac);     /* reconnects through the cleanup hook */
+        redisAsyncFree(node->ac);   /* reconnects through the cleanup hook */
         return;
     }
 
     /* a worker shutting down gracefully still reconnects: settles wait */
-    if (rd->ac == NULL && !ngx_terminate) {
-        rd->reconnects++;
-        ngx_http_credits_redis_connect();
+    if (node->persistent) {
+        node->next_try = 0;
+        (void) ngx_http_credits_node_connect(node);
     }
 }
 
 
 static void
-ngx_http_credits_redis_stall_handler(ngx_event_t *ev)
+ngx_http_credits_node_stall_handler(ngx_event_t *ev)
 {
-    ngx_http_credits_redis_t  *rd = ev->data;
+    ngx_http_credits_node_t  *node = ev->data;
 
-    ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+    ngx_log_error(NGX_LOG_ERR, node->log, 0,
                   "credits: redis %V: no reply within %Mms, %ui commands "
                   "pending: dropping the connection",
-                  &rd->conf->name,
-                  rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR,
-                  rd->pending);
+                  &node->addr.name,
+                  node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR,
+                  node->pending);
 
-    if (rd->ac) {
-        redisAsyncFree(rd->ac);
+    if (node->ac) {
+        redisAsyncFree(node->ac);
     }
 }
 
 
 static void
-ngx_http_credits_redis_on_connect(const redisAsyncContext *ac, int status)
+ngx_http_credits_node_on_connect(const redisAsyncContext *ac, int status)
 {
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+    ngx_http_credits_node_t  *node = ac->data;
 
-    if (rd->connect_timer.timer_set) {
-        ngx_del_timer(&rd->connect_timer);
+    if (node->connect_timer.timer_set) {
+        ngx_del_timer(&node->connect_timer);
     }
 
     if (status != REDIS_OK) {
-        ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+        ngx_log_error(NGX_LOG_ERR, node->log, 0,
                       "credits: redis %V: cannot connect: %s",
-                      &rd->conf->name, ac->errstr);
+                      &node->addr.name, ac->errstr);
         return;     /* hiredis frees the context: see the cleanup hook */
     }
 
-    rd->state = NGX_HTTP_CREDITS_REDIS_UP;
-    rd->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+    node->state = NGX_HTTP_CREDITS_REDIS_UP;
+    node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
 
-    ngx_http_credits_count_redis(1, rd->reconnects);
+    ngx_log_error(NGX_LOG_INFO, node->log, 0,
+                  "credits: redis %V: connected", &node->addr.name);
 
-    ngx_log_error(NGX_LOG_INFO, rd->log, 0,
-                  "credits: redis %V: connected", &rd->conf->name);
+    ngx_http_credits_router_node_changed(node);
+}
+
+
+/*
+ * Issues a command of the adapter's own (setup, ASKING, CLUSTER SLOTS) on
+ * the node; "fn" may be NULL when the reply does not matter.
+ */
+
+ngx_int_t
+ngx_http_credits_node_internal(ngx_http_credits_node_t *node, int argc,
+    const char **argv, const size_t *argvlen,
+    ngx_http_credits_node_reply_pt fn, void *privdata)
+{
+    if (node->ac == NULL
+        || redisAsyncCommandArgv(node->ac, (redisCallbackFn *) fn, privdata,
+                                 argc, argv, argvlen)
+           != REDIS_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/* pipelined: the script is loaded before any later command runs */
+
+ngx_int_t
+ngx_http_credits_node_load(ngx_http_credits_node_t *node,
+    ngx_http_credits_script_t *script)
+{
+    const char  *argv[3];
+    size_t       argvlen[3];
+
+    argv[0] = "SCRIPT";
+    argvlen[0] = 6;
+    argv[1] = "LOAD";
+    argvlen[1] = 4;
+    argv[2] = (const char *) script->body.data;
+    argvlen[2] = script->body.len;
+
+    if (node->ac == NULL
+        || redisAsyncCommandArgv(node->ac, ngx_http_credits_node_setup_reply,
+                                 "SCRIPT LOAD", 3, argv, argvlen)
+           != REDIS_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
 }
 
 
 static void
-ngx_http_credits_redis_setup(void)
+ngx_http_credits_node_setup(ngx_http_credits_node_t *node)
 {
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
-
     u_char                      db[NGX_INT_T_LEN];
     const char                 *argv[3];
     size_t                      argvlen[3];
     ngx_http_credits_script_t **s;
 
-    if (rd->conf->password.len) {
+    if (node->conf->password.len) {
         argv[0] = "AUTH";
         argvlen[0] = 4;
-        argv[1] = (const char *) rd->conf->password.data;
-        argvlen[1] = rd->conf->password.len;
+        argv[1] = (const char *) node->conf->password.data;
+        argvlen[1] = node->conf->password.len;
 
-        redisAsyncCommandArgv(rd->ac, ngx_http_credits_redis_setup_reply,
+        redisAsyncCommandArgv(node->ac, ngx_http_credits_node_setup_reply,
                               "AUTH", 2, argv, argvlen);
     }
 
-    if (rd->conf->db) {
+    /* before SELECT: a cluster refuses it, and the router says why */
+    if (node->probe) {
+        argv[0] = "INFO";
+        argvlen[0] = 4;
+        argv[1] = "cluster";
+        argvlen[1] = 7;
+
+        redisAsyncCommandArgv(node->ac, ngx_http_credits_node_info_reply,
+                              NULL, 2, argv, argvlen);
+    }
+
+    if (node->conf->db) {
         argv[0] = "SELECT";
         argvlen[0] = 6;
         argv[1] = (const char *) db;
-        argvlen[1] = ngx_sprintf(db, "%i", rd->conf->db) - db;
+        argvlen[1] = ngx_sprintf(db, "%i", node->conf->db) - db;
 
-        redisAsyncCommandArgv(rd->ac, ngx_http_credits_redis_setup_reply,
+        redisAsyncCommandArgv(node->ac, ngx_http_credits_node_setup_reply,
                               "SELECT", 2, argv, argvlen);
     }
 
     for (s = ngx_http_credits_scripts; *s; s++) {
-        argv[0] = "SCRIPT";
-        argvlen[0] = 6;
-        argv[1] = "LOAD";
-        argvlen[1] = 4;
-        argv[2] = (const char *) (*s)->body.data;
-        argvlen[2] = (*s)->body.len;
-
-        redisAsyncCommandArgv(rd->ac, ngx_http_credits_redis_setup_reply,
-                              "SCRIPT LOAD", 3, argv, argvlen);
+        (void) ngx_http_credits_node_load(node, *s);
     }
 }
 
@@ -344,12 +471,12 @@ ngx_http_credits_redis_setup(void)
  * place or nowhere: drop the connection and try again with backoff */
 
 static void
-ngx_http_credits_redis_setup_reply(redisAsyncContext *ac, void *r,
+ngx_http_credits_node_setup_reply(redisAsyncContext *ac, void *r,
     void *privdata)
 {
-    ngx_str_t                  err;
-    redisReply                *reply = r;
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
+    ngx_str_t                 err;
+    redisReply               *reply = r;
+    ngx_http_credits_node_t  *node = ac->data;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ERROR) {
         return;
@@ -357,130 +484,34 @@ ngx_http_credits_redis_setup_reply(redisAsyncContext *ac, void *r,
 
     ngx_http_credits_reply_error(reply, &err);
 
-    ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+    ngx_log_error(NGX_LOG_ERR, node->log, 0,
                   "credits: redis %V: %s failed: %V",
-                  &rd->conf->name, (char *) privdata, &err);
+                  &node->addr.name, (char *) privdata, &err);
 
     redisAsyncDisconnect(ac);
 }
 
 
-/*
- * Sends a command, or a script by its SHA1 when "script" is set (the
- * arguments then start with numkeys).  The command is formatted in the
- * protocol once, into memory of its own that also keeps the arguments
- * (cmd->argv points into it, unterminated): a NOSCRIPT reply (Redis
- * restarted or flushed) loads the script again and sends the same bytes
- * once more.  Returns NGX_DECLINED, and never calls the handler, when
- * Redis is not connected.
- */
+static void
+ngx_http_credits_node_info_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply  *reply = r;
+
+    if (reply) {
+        ngx_http_credits_router_probed(ac->data, reply);
+    }
+}
+
+
+/* sends a command formatted by the router; its reply goes to the router */
 
 ngx_int_t
-ngx_http_credits_redis_command(ngx_http_credits_script_t *script, int argc,
-    const char **argv, const size_t *argvlen,
-    ngx_http_credits_redis_handler_pt handler, void *data,
-    ngx_http_credits_redis_cmd_t **cmdp)
+ngx_http_credits_node_send(ngx_http_credits_node_t *node,
+    ngx_http_credits_redis_cmd_t *cmd)
 {
-    int                            i, n;
-    u_char                        *p;
-    size_t                         size;
-    const char                    *arg;
-    ngx_http_credits_redis_cmd_t  *cmd;
-
-    if (ngx_http_credits_redis.state == NGX_HTTP_CREDITS_REDIS_DOWN) {
-        return NGX_DECLINED;
-    }
-
-    n = argc + (script ? 2 : 0);
-
-    /* "*n\r\n", then "$len\r\narg\r\n" for each argument */
-    size = sizeof(ngx_http_credits_redis_cmd_t)
-           + n * (sizeof(char *) + sizeof(size_t))
-           + 1 + NGX_INT_T_LEN + 2
-           + n * (1 + NGX_SIZE_T_LEN + 4)
-           + (script ? sizeof("EVALSHA") - 1 + 40 : 0);
-
-    for (i = 0; i < argc; i++) {
-        size += argvlen[i];
-    }
-
-    cmd = ngx_alloc(size, ngx_cycle->log);
-    if (cmd == NULL) {
-        return NGX_ERROR;
-    }
-
-    cmd->handler = handler;
-    cmd->data = data;
-    cmd->script = script;
-    cmd->start = ngx_current_msec;
-    cmd->retried = 0;
-    cmd->argc = n;
-    cmd->argv = (const char **) (cmd + 1);
-    cmd->argvlen = (size_t *) (cmd->argv + n);
-    cmd->formatted = (u_char *) (cmd->argvlen + n);
-
-    p = ngx_http_credits_redis_length(cmd->formatted, '*', n);
-
-    for (i = -(script ? 2 : 0); i < argc; i++) {
-
-        if (i == -2) {
-            arg = "EVALSHA";
-            cmd->argvlen[0] = 7;
-
-        } else if (i == -1) {
-            arg = (const char *) script->sha1;
-            cmd->argvlen[1] = 40;
-
-        } else {
-            arg = argv[i];
-            cmd->argvlen[n - argc + i] = argvlen[i];
-        }
-
-        size = cmd->argvlen[n - argc + i];
-
-        p = ngx_http_credits_redis_length(p, '$', size);
-        cmd->argv[n - argc + i] = (const char *) p;
-        p = ngx_cpymem(p, arg, size);
-        *p++ = '\r';
-        *p++ = '\n';
-    }
-
-    cmd->formatted_len = p - cmd->formatted;
-
-    if (ngx_http_credits_redis_send(cmd) != NGX_OK) {
-        ngx_free(cmd);
-        return NGX_DECLINED;
-    }
-
-    if (cmdp) {
-        *cmdp = cmd;
-    }
-
-    return NGX_OK;
-}
-
-
-/* "*n\r\n" or "$n\r\n": every argument has one */
-
-static u_char *
-ngx_http_credits_redis_length(u_char *p, u_char type, size_t n)
-{
-    *p++ = type;
-    p = ngx_http_credits_write_int(p, (ngx_int_t) n);
-    *p++ = '\r';
-    *p++ = '\n';
-
-    return p;
-}
-
-
-static ngx_int_t
-ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd)
-{
-    ngx_http_credits_redis_t  *rd = &ngx_http_credits_redis;
-
-    if (rd->ac == NULL
-        || redisAsyncFormattedCommand(rd->ac, ngx_http_credits_redis_reply,
+    if (node->ac == NULL
+        || redisAsyncFormattedCommand(node->ac, ngx_http_credits_node_reply,
                                       cmd, (const char *) cmd->formatted,
                                       cmd->formatted_len)
            != REDIS_OK)
@@ -488,9 +519,9 @@ ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd)
         return NGX_DECLINED;
     }
 
-    if (rd->pending++ == 0) {
-        ngx_add_timer(&rd->stall_timer,
-                      rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
+    if (node->pending++ == 0) {
+        ngx_add_timer(&node->stall_timer,
+                      node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }
 
     return NGX_OK;
@@ -498,59 +529,25 @@ ngx_http_credits_redis_send(ngx_http_credits_redis_cmd_t *cmd)
 
 
 static void
-ngx_http_credits_redis_reply(redisAsyncContext *ac, void *r, void *privdata)
+ngx_http_credits_node_reply(redisAsyncContext *ac, void *r, void *privdata)
 {
-    redisReply                    *reply = r;
-    ngx_http_credits_redis_t      *rd = &ngx_http_credits_redis;
-    ngx_http_credits_redis_cmd_t  *cmd = privdata;
-
-    const char  *argv[3];
-    size_t       argvlen[3];
+    ngx_http_credits_node_t  *node = ac->data;
 
     /* every reply is progress: the stall timer restarts or stops */
 
-    if (--rd->pending == 0) {
-        if (rd->stall_timer.timer_set) {
-            ngx_del_timer(&rd->stall_timer);
+    if (--node->pending == 0) {
+        if (node->stall_timer.timer_set) {
+            ngx_del_timer(&node->stall_timer);
         }
 
     } else {
-        ngx_add_timer(&rd->stall_timer,
-                      rd->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
+        ngx_add_timer(&node->stall_timer,
+                      node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }
 
-    if (reply && reply->type == REDIS_REPLY_ERROR && cmd->script
-        && !cmd->retried
-        && ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0)
-    {
-        ngx_log_error(NGX_LOG_NOTICE, rd->log, 0,
-                      "credits: redis %V: script \"%V\" not loaded, "
-                      "loading it again", &rd->conf->name, &cmd->script->name);
-
-        argv[0] = "SCRIPT";
-        argvlen[0] = 6;
-        argv[1] = "LOAD";
-        argvlen[1] = 4;
-        argv[2] = (const char *) cmd->script->body.data;
-        argvlen[2] = cmd->script->body.len;
-
-        cmd->retried = 1;
-
-        /* pipelined: the script is loaded before the EVALSHA runs again */
-        if (redisAsyncCommandArgv(ac, ngx_http_credits_redis_setup_reply,
-                                  "SCRIPT LOAD", 3, argv, argvlen)
-            == REDIS_OK
-            && ngx_http_credits_redis_send(cmd) == NGX_OK)
-        {
-            return;
-        }
-
-        reply = NULL;
-    }
-
-    cmd->handler(cmd, reply);
-
-    ngx_free(cmd);
+    /* nothing is written before the connect completes */
+    ngx_http_credits_router_reply(node, privdata, r,
+                                  node->state == NGX_HTTP_CREDITS_REDIS_UP);
 }
 
 
@@ -573,27 +570,27 @@ ngx_http_credits_reply_error(redisReply *reply, ngx_str_t *err)
 
 
 static void
-ngx_http_credits_redis_read_handler(ngx_event_t *ev)
+ngx_http_credits_node_read_handler(ngx_event_t *ev)
 {
-    ngx_connection_t          *c = ev->data;
-    ngx_http_credits_redis_t  *rd = c->data;
+    ngx_connection_t         *c = ev->data;
+    ngx_http_credits_node_t  *node = c->data;
 
-    redisAsyncHandleRead(rd->ac);
+    redisAsyncHandleRead(node->ac);
 }
 
 
 static void
-ngx_http_credits_redis_write_handler(ngx_event_t *ev)
+ngx_http_credits_node_write_handler(ngx_event_t *ev)
 {
-    ngx_connection_t          *c = ev->data;
-    ngx_http_credits_redis_t  *rd = c->data;
+    ngx_connection_t         *c = ev->data;
+    ngx_http_credits_node_t  *node = c->data;
 
-    redisAsyncHandleWrite(rd->ac);
+    redisAsyncHandleWrite(node->ac);
 }
 
 
 static void
-ngx_http_credits_redis_add_read(void *data)
+ngx_http_credits_node_add_read(void *data)
 {
     ngx_connection_t  *c = data;
 
@@ -609,7 +606,7 @@ ngx_http_credits_redis_add_read(void *data)
 
 
 static void
-ngx_http_credits_redis_del_read(void *data)
+ngx_http_credits_node_del_read(void *data)
 {
     ngx_connection_t  *c = data;
 
@@ -620,17 +617,17 @@ ngx_http_credits_redis_del_read(void *data)
 
 
 static void
-ngx_http_credits_redis_flush_handler(ngx_event_t *ev)
+ngx_http_credits_node_flush_handler(ngx_event_t *ev)
 {
-    ngx_http_credits_redis_t  *rd = ev->data;
+    ngx_http_credits_node_t  *node = ev->data;
 
-    if (rd->ac == NULL) {
+    if (node->ac == NULL) {
         return;
     }
 
-    rd->flushing = 1;
-    redisAsyncHandleWrite(rd->ac);
-    rd->flushing = 0;
+    node->flushing = 1;
+    redisAsyncHandleWrite(node->ac);
+    node->flushing = 0;
 }
 
 
@@ -640,16 +637,16 @@ ngx_http_credits_redis_flush_handler(ngx_event_t *ev)
  */
 
 static void
-ngx_http_credits_redis_add_write(void *data)
+ngx_http_credits_node_add_write(void *data)
 {
-    ngx_connection_t          *c = data;
-    ngx_http_credits_redis_t  *rd = c->data;
+    ngx_connection_t         *c = data;
+    ngx_http_credits_node_t  *node = c->data;
 
     if (c->write->active) {
         return;
     }
 
-    if (rd->flushing || rd->state != NGX_HTTP_CREDITS_REDIS_UP) {
+    if (node->flushing || node->state != NGX_HTTP_CREDITS_REDIS_UP) {
         if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
             != NGX_OK)
         {
@@ -660,14 +657,14 @@ ngx_http_credits_redis_add_write(void *data)
         return;
     }
 
-    if (!rd->flush.posted) {
-        ngx_post_event(&rd->flush, &ngx_posted_events);
+    if (!node->flush.posted) {
+        ngx_post_event(&node->flush, &ngx_posted_events);
     }
 }
 
 
 static void
-ngx_http_credits_redis_del_write(void *data)
+ngx_http_credits_node_del_write(void *data)
 {
     ngx_connection_t  *c = data;
 
@@ -680,10 +677,12 @@ ngx_http_credits_redis_del_write(void *data)
 /* hiredis is freeing the context and will close the socket itself */
 
 static void
-ngx_http_credits_redis_cleanup(void *data)
+ngx_http_credits_node_cleanup(void *data)
 {
-    ngx_connection_t          *c = data;
-    ngx_http_credits_redis_t  *rd = c->data;
+    ngx_connection_t         *c = data;
+    ngx_http_credits_node_t  *node = c->data;
+
+    ngx_uint_t  was_up;
 
     if (c->read->active) {
         ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
@@ -701,36 +700,41 @@ ngx_http_credits_redis_cleanup(void *data)
         ngx_delete_posted_event(c->write);
     }
 
-    if (rd->flush.posted) {
-        ngx_delete_posted_event(&rd->flush);
+    if (node->flush.posted) {
+        ngx_delete_posted_event(&node->flush);
     }
 
     ngx_free_connection(c);
     c->fd = (ngx_socket_t) -1;
 
-    if (rd->state == NGX_HTTP_CREDITS_REDIS_UP && rd->ac && rd->ac->err) {
-        ngx_log_error(NGX_LOG_ERR, rd->log, 0,
+    was_up = (node->state == NGX_HTTP_CREDITS_REDIS_UP);
+
+    if (was_up && node->ac && node->ac->err) {
+        ngx_log_error(NGX_LOG_ERR, node->log, 0,
                       "credits: redis %V: connection lost: %s",
-                      &rd->conf->name, rd->ac->errstr);
+                      &node->addr.name, node->ac->errstr);
     }
 
-    rd->ac = NULL;
-    rd->conn = NULL;
-    rd->state = NGX_HTTP_CREDITS_REDIS_DOWN;
-    rd->pending = 0;
+    node->ac = NULL;
+    node->conn = NULL;
+    node->state = NGX_HTTP_CREDITS_REDIS_DOWN;
+    node->pending = 0;
 
-    ngx_http_credits_count_redis(0, rd->reconnects);
-
-    if (rd->stall_timer.timer_set) {
-        ngx_del_timer(&rd->stall_timer);
+    if (node->stall_timer.timer_set) {
+        ngx_del_timer(&node->stall_timer);
     }
 
-    if (rd->connect_timer.timer_set) {
-        ngx_del_timer(&rd->connect_timer);
+    if (node->connect_timer.timer_set) {
+        ngx_del_timer(&node->connect_timer);
     }
 
-    if (!ngx_terminate) {
-        ngx_add_timer(&rd->connect_timer, rd->backoff);
-        rd->backoff = ngx_min(rd->backoff * 2, NGX_HTTP_CREDITS_BACKOFF_MAX);
+    node->next_try = ngx_current_msec + node->backoff;
+
+    if (node->persistent && !ngx_terminate) {
+        ngx_add_timer(&node->connect_timer, node->backoff);
     }
+
+    node->backoff = ngx_min(node->backoff * 2, NGX_HTTP_CREDITS_BACKOFF_MAX);
+
+    ngx_http_credits_router_node_lost(node, was_up);
 }

@@ -322,7 +322,8 @@ use Time::HiRes qw(sleep);
 sub start {
     my ($class, %o) = @_;
     my $self = bless { port => $o{port} || CreditsTest::free_port(),
-                       dir => CreditsTest::test_dir(), aof => $o{aof} }, $class;
+                       dir => CreditsTest::test_dir(), aof => $o{aof},
+                       args => $o{args} || [] }, $class;
     $self->start_again;
     return $self;
 }
@@ -337,7 +338,8 @@ sub start_again {
                '--save', '', '--appendonly', 'no', '--dir', $self->{dir},
                '--daemonize', 'no', '--enable-debug-command', 'yes',
                ($self->{aof} ? ('--appendonly', 'yes', '--appendfsync', 'always')
-                             : ()) };
+                             : ()),
+               @{ $self->{args} } };
         POSIX::_exit(127);
     }
     $self->{pid} = $pid;

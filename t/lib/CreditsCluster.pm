@@ -1,0 +1,157 @@
+package CreditsCluster;
+
+# A real Redis Cluster on loopback for the tests: masters and replicas
+# started as CreditsTest::Redis servers in cluster mode, joined by
+# redis-cli --cluster create.  Ports are picked so that each node's bus
+# port (port + 10000) is free too.  Core Perl only.
+
+use strict;
+use warnings;
+
+use IO::Socket::INET;
+use Time::HiRes qw(sleep time);
+use CreditsTest;
+
+sub port_free {
+    my ($port) = @_;
+    my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $port,
+                                  Proto => 'tcp', Listen => 1, ReuseAddr => 1);
+    return 0 unless $s;
+    close $s;
+    return 1;
+}
+
+sub pick_ports {
+    my ($n) = @_;
+    my (@ports, %taken);
+    while (@ports < $n) {
+        my $p = 20000 + int(rand(9000));
+        next if $taken{$p} || !port_free($p) || !port_free($p + 10000);
+        $taken{$p} = 1;
+        push @ports, $p;
+    }
+    return @ports;
+}
+
+# start(masters => 3, replicas => 1): a cluster whose state is ok
+sub start {
+    my ($class, %o) = @_;
+    my $masters = $o{masters} || 3;
+    my $replicas = $o{replicas} // 1;
+    my @ports = pick_ports($masters * (1 + $replicas));
+    my @nodes = map {
+        CreditsTest::Redis->start(port => $_, args => [
+            '--cluster-enabled', 'yes',
+            '--cluster-config-file', "nodes-$_.conf",
+            '--cluster-node-timeout', 1000,
+            '--cluster-require-full-coverage', 'no',
+            '--cluster-replica-validity-factor', 0 ]);
+    } @ports;
+
+    my $out = `redis-cli --cluster create @{[ map { "127.0.0.1:$_" } @ports ]} --cluster-replicas $replicas --cluster-yes 2>&1`;
+    die "redis-cli --cluster create failed:\n$out" if $?;
+
+    my $self = bless { nodes => \@nodes }, $class;
+    $self->wait_ok(20) or die "the cluster did not become ok";
+    return $self;
+}
+
+sub nodes { @{ $_[0]->{nodes} } }
+
+sub node_by_port {
+    my ($self, $port) = @_;
+    my ($n) = grep { $_->{pid} && $_->port == $port } $self->nodes;
+    return $n;
+}
+
+sub live { grep { $_->{pid} } $_[0]->nodes }
+
+# every live node answers cluster_state:ok and agrees on 16384 slots
+sub wait_ok {
+    my ($self, $timeout) = @_;
+    return CreditsTest::wait_for(sub {
+        for my $n ($self->live) {
+            my $info = eval { $n->cmd('CLUSTER', 'INFO') } // '';
+            return 0 unless $info =~ /cluster_state:ok/
+                         && $info =~ /cluster_slots_assigned:16384/;
+        }
+        1;
+    }, $timeout);
+}
+
+# [start, end, port of the master] for every range
+sub slots {
+    my ($self) = @_;
+    for my $n ($self->live) {
+        my $r = eval { $n->cmd('CLUSTER', 'SLOTS') };
+        next unless ref $r eq 'ARRAY';
+        return [ map { [ $_->[0], $_->[1], $_->[2][1] ] } @$r ];
+    }
+    return [];
+}
+
+sub masters {
+    my ($self) = @_;
+    my %seen;
+    return sort { $a <=> $b } grep { !$seen{$_}++ } map { $_->[2] } @{ $self->slots };
+}
+
+sub keyslot {
+    my ($self, $key) = @_;
+    my ($n) = $self->live;
+    return $n->cmd('CLUSTER', 'KEYSLOT', $key);
+}
+
+# the port of the master serving the key
+sub owner {
+    my ($self, $key) = @_;
+    my $slot = $self->keyslot($key);
+    for (@{ $self->slots }) {
+        return $_->[2] if $slot >= $_->[0] && $slot <= $_->[1];
+    }
+    return undef;
+}
+
+# a command for the key's owner, following MOVED and ASK
+sub cmd {
+    my ($self, @args) = @_;
+    my ($node) = $self->live;
+    my $asking = 0;
+    for (1 .. 10) {
+        $node->cmd('ASKING') if $asking;
+        my $r = $node->cmd(@args);
+        if (ref $r eq 'CreditsTest::RedisError'
+            && $r->message =~ /^(MOVED|ASK) \d+ [\d.]+:(\d+)/)
+        {
+            $asking = $1 eq 'ASK';
+            $node = $self->node_by_port($2) or die "no node on port $2";
+            next;
+        }
+        if (ref $r eq 'CreditsTest::RedisError'
+            && $r->message =~ /^(TRYAGAIN|CLUSTERDOWN)/)
+        {
+            sleep 0.1;
+            next;
+        }
+        return $r;
+    }
+    die "cluster cmd @args: too many redirections";
+}
+
+# "project" names whose keys live on each master: { port => name }
+sub projects_per_master {
+    my ($self, $prefix) = @_;
+    my %per;
+    my @masters = $self->masters;
+    for my $i (0 .. 999) {
+        my $p = "$prefix$i";
+        my $port = $self->owner("credits:{$p}:balance");
+        $per{$port} //= $p;
+        last if keys %per == @masters;
+    }
+    return \%per;
+}
+
+sub stop { $_->stop for $_[0]->nodes }
+
+1;
