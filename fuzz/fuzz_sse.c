@@ -1,0 +1,87 @@
+/*
+ * Copyright (C) The ngx_http_credits_module authors
+ *
+ * Any bytes as an event stream, read in one piece and in pieces of a
+ * size the input chooses: the client's bytes and the costs found are the
+ * same however the stream is split, never more bytes come out than went
+ * in, and a stream without the cost event's name comes out unchanged.
+ */
+
+#include "fuzz_common.h"
+
+
+static ngx_str_t  fuzz_name = ngx_string("credits");
+
+
+static size_t
+fuzz_parse(ngx_pool_t *pool, u_char *p, size_t size, size_t piece,
+    u_char *out, ngx_http_credits_sse_t *sse)
+{
+    u_char  *o, *last;
+    size_t   n;
+
+    if (ngx_http_credits_sse_init(sse, &fuzz_name, pool) != NGX_OK) {
+        __builtin_trap();
+    }
+
+    o = out;
+    last = p + size;
+
+    do {
+        n = ngx_min(piece, (size_t) (last - p));
+        o = ngx_http_credits_sse_parse(sse, p, p + n, o, p + n == last);
+        p += n;
+    } while (p < last);
+
+    return o - out;
+}
+
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    u_char                  *one, *many;
+    size_t                   n1, n2, piece;
+    ngx_pool_t              *pool;
+    ngx_http_credits_sse_t   a, b;
+
+    fuzz_init();
+
+    if (size < 1) {
+        return 0;
+    }
+
+    piece = 1 + data[0] % 13;
+    data++;
+    size--;
+
+    pool = ngx_create_pool(4096, ngx_cycle->log);
+    one = malloc(size + 1);
+    many = malloc(size + 1);
+
+    if (pool == NULL || one == NULL || many == NULL) {
+        __builtin_trap();
+    }
+
+    n1 = fuzz_parse(pool, (u_char *) data, size, size ? size : 1, one, &a);
+    n2 = fuzz_parse(pool, (u_char *) data, size, piece, many, &b);
+
+    if (n1 > size || n1 != n2 || ngx_memcmp(one, many, n1) != 0
+        || a.cost != b.cost || a.costs != b.costs || a.bad != b.bad)
+    {
+        __builtin_trap();
+    }
+
+    if (ngx_strlcasestrn((u_char *) data, (u_char *) data + size,
+                         (u_char *) "credits", 7 - 1) == NULL
+        && (n1 != size || ngx_memcmp(one, data, size) != 0))
+    {
+        __builtin_trap();
+    }
+
+    free(one);
+    free(many);
+    ngx_destroy_pool(pool);
+
+    return 0;
+}
