@@ -38,6 +38,8 @@ static ngx_int_t ngx_http_credits_price(ngx_http_request_t *r,
     ngx_http_credits_loc_conf_t *lcf);
 static ngx_int_t ngx_http_credits_verdict(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
+static ngx_int_t ngx_http_credits_answer_str(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_str_t *body);
 static ngx_int_t ngx_http_credits_answer(ngx_http_request_t *r,
     ngx_uint_t status, ngx_buf_t *b);
 static ngx_uint_t ngx_http_credits_error_page(ngx_http_request_t *r,
@@ -376,16 +378,8 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        b = ngx_calloc_buf(r->pool);
-        if (b == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        b->pos = ngx_http_credits_invalid_token.data;
-        b->last = b->pos + ngx_http_credits_invalid_token.len;
-        b->memory = 1;
-
-        return ngx_http_credits_answer(r, NGX_HTTP_UNAUTHORIZED, b);
+        return ngx_http_credits_answer_str(r, NGX_HTTP_UNAUTHORIZED,
+                                           &ngx_http_credits_invalid_token);
 
     case NGX_HTTP_SERVICE_UNAVAILABLE:
 
@@ -396,16 +390,8 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        b = ngx_calloc_buf(r->pool);
-        if (b == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        b->pos = ngx_http_credits_unavailable.data;
-        b->last = b->pos + ngx_http_credits_unavailable.len;
-        b->memory = 1;
-
-        return ngx_http_credits_answer(r, NGX_HTTP_SERVICE_UNAVAILABLE, b);
+        return ngx_http_credits_answer_str(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                           &ngx_http_credits_unavailable);
 
     case NGX_HTTP_CREDITS_PAYMENT_REQUIRED:
 
@@ -430,6 +416,27 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
     default:
         return ctx->rc;
     }
+}
+
+
+/* an answer whose body is a constant */
+
+static ngx_int_t
+ngx_http_credits_answer_str(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *body)
+{
+    ngx_buf_t  *b;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->pos = body->data;
+    b->last = body->data + body->len;
+    b->memory = 1;
+
+    return ngx_http_credits_answer(r, status, b);
 }
 
 

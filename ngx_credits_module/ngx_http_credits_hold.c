@@ -20,7 +20,8 @@
  * another metered location of the same project moves its hold there: the
  * member then names the new route and, when the new price is higher,
  * holds that much (the move script takes the difference from the
- * balance).  One hold per request, never two.
+ * balance).  One hold per request, never two.  A stream grows its hold
+ * with the same move script (ngx_http_credits_stream.c).
  */
 
 
@@ -36,8 +37,6 @@
 
 static ngx_int_t ngx_http_credits_hold_keys(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
-static ngx_int_t ngx_http_credits_member(ngx_http_request_t *r,
-    ngx_http_credits_ctx_t *ctx, ngx_int_t amount, ngx_str_t *member);
 static ngx_http_variable_value_t *ngx_http_credits_request_id(
     ngx_http_request_t *r, ngx_int_t index);
 static ngx_int_t ngx_http_credits_hold_send(ngx_http_request_t *r,
@@ -46,8 +45,6 @@ static ngx_int_t ngx_http_credits_hold_send(ngx_http_request_t *r,
 static void ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply);
 static void ngx_http_credits_move_handler(ngx_http_credits_batch_item_t *item,
-    redisReply *reply);
-static void ngx_http_credits_grow_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply);
 static void ngx_http_credits_hold_answered(ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_batch_item_t *item);
@@ -69,7 +66,7 @@ static ngx_http_credits_script_t  ngx_http_credits_hold_script = {
     ""
 };
 
-static ngx_http_credits_script_t  ngx_http_credits_move_script = {
+ngx_http_credits_script_t  ngx_http_credits_move_script = {
     ngx_string("move"),
     { sizeof(ngx_http_credits_move_lua) - 1,
       (u_char *) ngx_http_credits_move_lua },
@@ -198,92 +195,6 @@ ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 }
 
 
-/*
- * A stream reported more than is held: the hold grows to "amount" while
- * the stream goes on.  Until the answer, the hold is either member: a
- * settle meanwhile settles both (only one of them exists).
- */
-
-void
-ngx_http_credits_grow(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
-    ngx_int_t amount)
-{
-    u_char     ttl[NGX_INT_T_LEN];
-    ngx_str_t  args[3];
-
-    if (ngx_http_credits_member(r, ctx, amount, &ctx->moved) != NGX_OK) {
-        return;
-    }
-
-    args[0] = ctx->member;
-    args[1] = ctx->moved;
-    args[2].data = ttl;
-    args[2].len = ngx_http_credits_write_int(ttl,
-                                             (ngx_int_t) ctx->lcf->hold_ttl)
-                  - ttl;
-
-    ctx->grow_item = ngx_http_credits_batch_add(&ngx_http_credits_move_script,
-                                                ctx->keys, args, 3,
-                                                ngx_http_credits_grow_handler,
-                                                ctx);
-    if (ctx->grow_item == NULL) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "credits: project \"%V\" route \"%V\": cannot grow "
-                      "the hold (redis not connected): charging at most %i",
-                      &ctx->project, &ctx->route, ctx->amount);
-        return;
-    }
-
-    ctx->growing = 1;
-    ctx->grow_to = amount;
-}
-
-
-static void
-ngx_http_credits_grow_handler(ngx_http_credits_batch_item_t *item,
-    redisReply *reply)
-{
-    ngx_int_t                rc, balance;
-    ngx_str_t                err;
-    ngx_http_credits_ctx_t  *ctx = item->data;
-
-    if (ctx == NULL) {
-        /* the request is over: its settle went to both members */
-        return;
-    }
-
-    ctx->grow_item = NULL;
-
-    rc = ngx_http_credits_hold_reply(reply, &balance);
-
-    switch (rc) {
-
-    case NGX_OK:
-        ngx_http_credits_count_credits(ctx->grow_to - ctx->amount, 0, 0);
-        ctx->member = ctx->moved;
-        ctx->amount = ctx->grow_to;
-        ctx->balance = balance;
-        ctx->growing = 0;
-        ngx_http_credits_stream_grown(ctx);
-        return;
-
-    case NGX_DECLINED:
-        ctx->balance = balance;
-        ctx->growing = 0;
-        ngx_http_credits_stream_stop(ctx, ctx->grow_to - ctx->amount);
-        return;
-
-    default:
-        /* not known which member is the hold: "growing" stays */
-        ngx_http_credits_reply_error(reply, &err);
-        ngx_log_error(NGX_LOG_ERR, ctx->wait.log, 0,
-                      "credits: project \"%V\" route \"%V\": growing the "
-                      "hold failed: %V: charging at most %i",
-                      &ctx->project, &ctx->route, &err, ctx->amount);
-    }
-}
-
-
 static ngx_int_t
 ngx_http_credits_hold_send(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_script_t *script, ngx_str_t *args,
@@ -353,7 +264,7 @@ ngx_http_credits_hold_keys(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 
 /* the member "<hold id>:<amount>:<route>"; the hold id is $request_id */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_credits_member(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_int_t amount, ngx_str_t *member)
 {

@@ -333,8 +333,9 @@ ngx_int_t ngx_http_credits_hold(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
 ngx_int_t ngx_http_credits_move(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
-void ngx_http_credits_grow(ngx_http_request_t *r,
-    ngx_http_credits_ctx_t *ctx, ngx_int_t amount);
+extern ngx_http_credits_script_t   ngx_http_credits_move_script;
+ngx_int_t ngx_http_credits_member(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_int_t amount, ngx_str_t *member);
 ngx_int_t ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance);
 
 /* settle */
@@ -364,9 +365,6 @@ u_char *ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
 ngx_int_t ngx_http_credits_stream_init(ngx_conf_t *cf);
 ngx_int_t ngx_http_credits_stream_start(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
-void ngx_http_credits_stream_grown(ngx_http_credits_ctx_t *ctx);
-void ngx_http_credits_stream_stop(ngx_http_credits_ctx_t *ctx,
-    ngx_int_t required);
 
 /* response filter */
 ngx_int_t ngx_http_credits_filter_init(ngx_conf_t *cf);

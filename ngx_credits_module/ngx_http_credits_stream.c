@@ -24,6 +24,12 @@ static ngx_int_t ngx_http_credits_stream_parse(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_chain_t *in, ngx_chain_t **out);
 static void ngx_http_credits_stream_grow(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
+static void ngx_http_credits_grow(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_int_t amount);
+static void ngx_http_credits_grow_handler(ngx_http_credits_batch_item_t *item,
+    redisReply *reply);
+static void ngx_http_credits_stream_stop(ngx_http_credits_ctx_t *ctx,
+    ngx_int_t required);
 
 
 static ngx_http_output_body_filter_pt  ngx_http_next_body_filter;
@@ -118,9 +124,7 @@ ngx_http_credits_stream_filter(ngx_http_request_t *r, ngx_chain_t *in)
     ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &out,
                             (ngx_buf_tag_t) &ngx_http_credits_module);
 
-    if (ctx->sse->cost > ctx->amount) {
-        ngx_http_credits_stream_grow(r, ctx);
-    }
+    ngx_http_credits_stream_grow(r, ctx);
 
     return rc;
 }
@@ -222,8 +226,13 @@ ngx_http_credits_stream_grow(ngx_http_request_t *r,
 
     step = ctx->lcf->hold_step;
 
-    /* after the stream's end too: its last cost is settled next */
-    if (step <= 0 || ctx->growing || !ctx->held) {
+    /*
+     * after the stream's end too: its last cost is settled next, and the
+     * settle leaves after the growth (batches go in the order opened)
+     */
+    if (step <= 0 || ctx->growing || !ctx->held
+        || ctx->sse->cost <= ctx->amount)
+    {
         return;
     }
 
@@ -233,13 +242,88 @@ ngx_http_credits_stream_grow(ngx_http_request_t *r,
 }
 
 
-/* called when a growth is answered: grow again if the stream ran on */
+/*
+ * A stream reported more than is held: the hold grows to "amount" while
+ * the stream goes on.  Until the answer, the hold is either member: a
+ * settle meanwhile settles both (only one of them exists).
+ */
 
-void
-ngx_http_credits_stream_grown(ngx_http_credits_ctx_t *ctx)
+static void
+ngx_http_credits_grow(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
+    ngx_int_t amount)
 {
-    if (ctx->sse->cost > ctx->amount) {
+    u_char     ttl[NGX_INT_T_LEN];
+    ngx_str_t  args[3];
+
+    if (ngx_http_credits_member(r, ctx, amount, &ctx->moved) != NGX_OK) {
+        return;
+    }
+
+    args[0] = ctx->member;
+    args[1] = ctx->moved;
+    args[2].data = ttl;
+    args[2].len = ngx_http_credits_write_int(ttl,
+                                             (ngx_int_t) ctx->lcf->hold_ttl)
+                  - ttl;
+
+    ctx->grow_item = ngx_http_credits_batch_add(&ngx_http_credits_move_script,
+                                                ctx->keys, args, 3,
+                                                ngx_http_credits_grow_handler,
+                                                ctx);
+    if (ctx->grow_item == NULL) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "credits: project \"%V\" route \"%V\": cannot grow "
+                      "the hold (redis not connected): charging at most %i",
+                      &ctx->project, &ctx->route, ctx->amount);
+        return;
+    }
+
+    ctx->growing = 1;
+    ctx->grow_to = amount;
+}
+
+
+static void
+ngx_http_credits_grow_handler(ngx_http_credits_batch_item_t *item,
+    redisReply *reply)
+{
+    ngx_int_t                rc, balance;
+    ngx_str_t                err;
+    ngx_http_credits_ctx_t  *ctx = item->data;
+
+    if (ctx == NULL) {
+        /* the request is over: its settle went to both members */
+        return;
+    }
+
+    ctx->grow_item = NULL;
+
+    rc = ngx_http_credits_hold_reply(reply, &balance);
+
+    switch (rc) {
+
+    case NGX_OK:
+        ngx_http_credits_count_credits(ctx->grow_to - ctx->amount, 0, 0);
+        ctx->member = ctx->moved;
+        ctx->amount = ctx->grow_to;
+        ctx->balance = balance;
+        ctx->growing = 0;
         ngx_http_credits_stream_grow(ctx->request, ctx);
+        return;
+
+    case NGX_DECLINED:
+        ctx->balance = balance;
+        ctx->growing = 0;
+        ngx_http_credits_stream_stop(ctx, ctx->grow_to - ctx->amount);
+        return;
+
+    default:
+        /* not known which member is the hold: "growing" stays */
+        ngx_http_credits_reply_error(reply, &err);
+        ngx_log_error(NGX_LOG_ERR, ctx->wait.log, 0,
+                      "credits: project \"%V\" route \"%V\": growing the "
+                      "hold failed: %V: charging at most %i",
+                      &ctx->project, &ctx->route, &err, ctx->amount);
     }
 }
 
@@ -250,7 +334,7 @@ ngx_http_credits_stream_grown(ngx_http_credits_ctx_t *ctx)
  * what is held is committed.
  */
 
-void
+static void
 ngx_http_credits_stream_stop(ngx_http_credits_ctx_t *ctx, ngx_int_t required)
 {
     u_char              *p;
