@@ -4,7 +4,7 @@
  *
  * The access phase: the gate every metered location a request enters
  * (token, price, hold), the answers the module writes itself (401, 402,
- * 503, as JSON), and the request's context.
+ * 429, 503, as JSON), and the request's context.
  *
  * The charge follows the metered location in charge: the last one whose
  * gate the request passed.  A request handed on (internal redirect,
@@ -38,6 +38,11 @@ static ngx_int_t ngx_http_credits_price(ngx_http_request_t *r,
     ngx_http_credits_loc_conf_t *lcf);
 static ngx_int_t ngx_http_credits_verdict(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx);
+static ngx_int_t ngx_http_credits_too_many(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx);
+static ngx_buf_t *ngx_http_credits_json(ngx_http_request_t *r,
+    const char *error, const char *name1, ngx_int_t n1, const char *name2,
+    ngx_int_t n2);
 static ngx_int_t ngx_http_credits_answer(ngx_http_request_t *r,
     ngx_uint_t status, ngx_buf_t *b);
 static ngx_uint_t ngx_http_credits_error_page(ngx_http_request_t *r,
@@ -222,6 +227,7 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ctx->answered = 0;
     ctx->rc = NGX_DECLINED;
     ctx->route = lcf->route;
+    ngx_str_null(&ctx->token);
 
     if (ngx_http_credits_token(r, &lcf->jwt, &token) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -247,6 +253,9 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return ngx_http_credits_verdict(r, ctx);
     }
 
+    /* $credits_claim_NAME reads the claims of this token */
+    ctx->token = token;
+
     price = ngx_http_credits_price(r, lcf);
 
     if (price == NGX_ERROR) {
@@ -270,6 +279,10 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     if (price == 0) {
         ctx->outcome = NGX_HTTP_CREDITS_FREE;
         return NGX_DECLINED;
+    }
+
+    if (ngx_http_credits_counters(r, ctx, lcf) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     rc = ctx->held ? ngx_http_credits_move(r, ctx, lcf)
@@ -357,7 +370,6 @@ ngx_http_credits_price(ngx_http_request_t *r, ngx_http_credits_loc_conf_t *lcf)
 static ngx_int_t
 ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 {
-    u_char     *p;
     ngx_buf_t  *b;
 
     if (ctx->answered) {
@@ -409,27 +421,84 @@ ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 
     case NGX_HTTP_CREDITS_PAYMENT_REQUIRED:
 
-        b = ngx_create_temp_buf(r->pool,
-                                sizeof("{\"error\":\"insufficient_credits\","
-                                       "\"required\":,\"balance\":}\n") - 1
-                                + 2 * NGX_INT_T_LEN);
+        b = ngx_http_credits_json(r, "insufficient_credits", "required",
+                                  ctx->price, "balance", ctx->balance);
         if (b == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        p = ngx_cpymem(b->last, "{\"error\":\"insufficient_credits\","
-                       "\"required\":", sizeof("{\"error\":\"insufficient_"
-                       "credits\",\"required\":") - 1);
-        p = ngx_http_credits_write_int(p, ctx->price);
-        p = ngx_cpymem(p, ",\"balance\":", sizeof(",\"balance\":") - 1);
-        p = ngx_http_credits_write_int(p, ctx->balance);
-        b->last = ngx_cpymem(p, "}\n", 2);
-
         return ngx_http_credits_answer(r, NGX_HTTP_CREDITS_PAYMENT_REQUIRED, b);
+
+    case NGX_HTTP_TOO_MANY_REQUESTS:
+        return ngx_http_credits_too_many(r, ctx);
 
     default:
         return ctx->rc;
     }
+}
+
+
+/* a visitor's limit or the budget reached: 429 until the window's end */
+
+static ngx_int_t
+ngx_http_credits_too_many(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
+{
+    u_char     *p;
+    time_t      retry;
+    ngx_buf_t  *b;
+    ngx_str_t   value;
+
+    retry = ngx_http_credits_window_left(ctx);
+
+    p = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    value.data = p;
+    value.len = ngx_http_credits_write_int(p, (ngx_int_t) retry) - p;
+
+    if (ngx_http_credits_add_header(r, "Retry-After", &value) == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b = ctx->over_visitor
+        ? ngx_http_credits_json(r, "visitor_limit_reached", "limit",
+                                ctx->limit, "retry_after", retry)
+        : ngx_http_credits_json(r, "budget_exhausted", "budget",
+                                ctx->limit, "retry_after", retry);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_credits_answer(r, NGX_HTTP_TOO_MANY_REQUESTS, b);
+}
+
+
+/* {"error":"<error>","<name1>":n1,"<name2>":n2} and a newline */
+
+static ngx_buf_t *
+ngx_http_credits_json(ngx_http_request_t *r, const char *error,
+    const char *name1, ngx_int_t n1, const char *name2, ngx_int_t n2)
+{
+    u_char     *p;
+    ngx_buf_t  *b;
+
+    b = ngx_create_temp_buf(r->pool,
+                            sizeof("{\"error\":\"\",\"\":,\"\":}\n") - 1
+                            + ngx_strlen(error) + ngx_strlen(name1)
+                            + ngx_strlen(name2) + 2 * NGX_INT_T_LEN);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    p = ngx_sprintf(b->last, "{\"error\":\"%s\",\"%s\":", error, name1);
+    p = ngx_http_credits_write_int(p, n1);
+    p = ngx_sprintf(p, ",\"%s\":", name2);
+    p = ngx_http_credits_write_int(p, n2);
+    b->last = ngx_cpymem(p, "}\n", 2);
+
+    return b;
 }
 
 

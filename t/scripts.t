@@ -21,7 +21,13 @@ my @keys = map { "credits:{$p}:$_" } qw(balance holds ledger);
 my $start = 20;
 $redis->cmd('SET', $keys[0], $start);
 
-sub hold { $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, @_) }
+# member, price, ttl per hold; no window counters (t/visitors.t has them)
+sub hold {
+    my @a = @_;
+    my @args;
+    push @args, splice(@a, 0, 3), '' while @a;
+    $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, @args);
+}
 sub settle { $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, @_) }
 sub entry {
     my ($id) = @_;

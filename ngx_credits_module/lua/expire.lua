@@ -6,8 +6,19 @@
 -- script first refunds the project's holds whose time is up, each with an
 -- 'expire' ledger entry, so a hold is refunded once: after that a late
 -- settle finds no member and changes nothing.
+--
+-- A hold counted in window counters (credits_visitor_limit,
+-- credits_budget) names them after its id: "<id>;<ref>;<ref>:<held>:..",
+-- a ref "<kind>,<name>,<period s>,<window start s>[,<visitor hash>]"
+-- naming the key "credits:{P}:<kind>:<name>:<period>:<start>[:<hash>]"
+-- (kind b: the budget, v: a visitor).  The id part keeps no ':', so every
+-- reader of "<id>:<held>:<route>" still finds the amount and the route.
+-- Whatever goes back to the balance goes back to those counters too.
 
 local balance_key, holds_key, ledger_key = KEYS[1], KEYS[2], KEYS[3]
+
+-- "credits:{P}:", the base of the project's other keys
+local base = string.sub(balance_key, 1, -8)
 
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
@@ -26,9 +37,137 @@ local function whole(s)
     return #s <= 15 and string.find(s, '^%d+$') ~= nil
 end
 
--- id, held (as written in the member), route
+-- id, held (as written in the member), route, refs of its counters
 local function parse_hold(member)
-    return string.match(member, '^([^:]+):(%d+):(.*)$')
+    local id, held, route = string.match(member, '^([^:]+):(%d+):(.*)$')
+
+    if id then
+        local rid, refs = string.match(id, '^([^;]*)(.*)$')
+        return rid, held, route, refs
+    end
+end
+
+-- a counter's key, kind, name and the end of its window (ms), from its ref
+local function counter(ref)
+    local kind, name, period, start =
+        string.match(ref, '^([bv]),([^,]+),(%d+),(%d+)')
+
+    if kind then
+        return base .. string.gsub(ref, ',', ':'), kind, name,
+               (tonumber(start) + tonumber(period)) * 1000
+    end
+end
+
+-- gives n credits back to the counters of refs that still exist (a
+-- counter gone with its window is not made again)
+local function give_back(refs, n)
+    if refs == '' or n <= 0 then
+        return
+    end
+
+    for ref in string.gmatch(refs, ';([^;]+)') do
+        local key = counter(ref)
+        local spent = key and tonumber(redis.call('GET', key) or '')
+
+        if spent then
+            redis.call('SET', key, int(math.max(0, spent - n)), 'KEEPTTL')
+        end
+    end
+end
+
+-- The window counters a member names, with their limits (ARGV "l1,l2",
+-- in the order of the refs; nil: not checked): a list of {key, kind,
+-- limit, end of window}, or nil and what is wrong.  A budget's limit is
+-- the project's own in credits:{P}:budgets when that is a whole number.
+local no_counters, budgets = {}, {}
+
+local function counters(member, limits)
+    local _, _, _, refs = parse_hold(member)
+
+    if not refs then
+        return nil, 'a member is not <id>:<held>:<route>'
+    end
+
+    if refs == '' and (limits == nil or limits == '') then
+        return no_counters
+    end
+
+    local list, given = {}, {}
+
+    for l in string.gmatch(limits or '', '[^,]+') do
+        given[#given + 1] = l
+    end
+
+    for ref in string.gmatch(refs, ';([^;]+)') do
+        local key, kind, name, ends = counter(ref)
+        local limit = given[#list + 1]
+
+        if not key or (limits and not (limit and whole(limit))) then
+            return nil, 'counters or their limits are not valid'
+        end
+
+        limit = tonumber(limit)
+
+        if limit and kind == 'b' then
+            if budgets[name] == nil then
+                local own = redis.call('HGET', base .. 'budgets', name)
+                budgets[name] = own and whole(own) and tonumber(own) or false
+            end
+
+            limit = budgets[name] or limit
+        end
+
+        list[#list + 1] = { key, kind, limit, ends }
+    end
+
+    if limits and #given ~= #list then
+        return nil, 'counters or their limits are not valid'
+    end
+
+    return list
+end
+
+-- what the counters have spent in their windows: read once per call,
+-- written once at its end (tally_write), each expiring a minute after
+-- its window (a give-back later finds it gone and does nothing)
+local tally, tally_ends = {}, {}
+
+local function spent(key)
+    local n = tally[key]
+
+    if n == nil then
+        n = tonumber(redis.call('GET', key) or '0') or 0
+        tally[key] = n
+    end
+
+    return n
+end
+
+-- the first counter that "need" (a function of the counter, or a number)
+-- would take past its limit: code 2 (a visitor) or 3 (the budget), limit
+local function over(list, need)
+    for _, c in ipairs(list) do
+        local n = type(need) == 'number' and need or need(c)
+
+        if n > 0 and spent(c[1]) + n > c[3] then
+            return c[2] == 'v' and 2 or 3, c[3]
+        end
+    end
+end
+
+local function count(list, n)
+    for _, c in ipairs(list) do
+        local k = type(n) == 'number' and n or n(c)
+
+        tally[c[1]] = math.max(0, spent(c[1]) + k)
+        tally_ends[c[1]] = c[4]
+    end
+end
+
+local function tally_write()
+    for key, ends in pairs(tally_ends) do
+        redis.call('SET', key, int(tally[key]), 'PXAT', int(ends + 60000))
+    end
 end
 
 local stale = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
@@ -36,9 +175,10 @@ local stale = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
 if #stale > 0 then
     local refund = 0
     for _, member in ipairs(stale) do
-        local id, held, route = parse_hold(member)
+        local id, held, route, refs = parse_hold(member)
         if held then
             refund = refund + tonumber(held)
+            give_back(refs, tonumber(held))
             redis.call('XADD', ledger_key, '*', 'route', route,
                        'held', held, 'charged', '0', 'status', '0',
                        'outcome', 'expire', 'request_id', id, 'ts', now_ms)
