@@ -341,6 +341,39 @@ for my $p (sort keys %start) {
 unlike $ngx->error_log, qr/\[(alert|emerg|crit)\]|signal \d+|exited on/,
     'no worker crashed';
 
+# ---- creditsctl budget and visitors ----
+
+my $bin = $ENV{CREDITSCTL} || 'build/creditsctl';
+sub ctl {
+    my $out = `$bin --redis @{[ $redis->addr ]} @_ 2>&1`;
+    return ($? >> 8, $out);
+}
+
+my ($rc, $out) = ctl('budget', 'site-b');
+is $rc, 0, 'creditsctl budget P';
+like $out, qr/^chat\s+52\s+52\s+3600s$/m, '... lists the own budget and its spend';
+($rc, $out) = ctl('--json', 'budget', 'site-a');
+like $out, qr/^\{"project":"site-a","budgets":\[\]\}$/, '... none where the route has no budget';
+($rc, $out) = ctl('--json', 'visitors', 'site-b', '/chat/', '--top', 3);
+like $out, qr/^\{"project":"site-b","name":"\/chat\/","visitors":10,"spent":52,"top":\[(\{"visitor":"[0-9a-f]{32}","spent":\d+\},?){3}\]\}$/,
+    'creditsctl visitors: ten hashed visitors, 52 in all, the top 3';
+($rc, $out) = ctl('visitors', 'site-a', 'embed');
+like $out, qr/^2 visitors spent 21 in the current window\n.*\n[0-9a-f]{32} +20\n[0-9a-f]{32} +1\n$/s,
+    '... by spend, most first';
+($rc, $out) = ctl('budget', 'site-d', 'chat', 0);
+is $rc, 0, 'creditsctl budget P NAME 0';
+is visit('/chat/x', $t3, 'w')->{status}, 429, '... turns the feature off';
+($rc, $out) = ctl('budget', 'site-d', 'chat', '--unset');
+is visit('/chat/x', $t3, 'w')->{status}, 200, '... --unset turns it back on';
+for my $bad (['budget', 'site-d', 'a:b'], ['budget', 'site-d', 'chat', -1],
+             ['budget', 'site-d', 'chat', 'x'], ['visitors', 'site-d'],
+             ['visitors', 'site-d', 'chat', '--top', 0]) {
+    ($rc, $out) = ctl(@$bad);
+    is $rc, 2, "creditsctl @$bad: usage error";
+}
+($rc, $out) = ctl('holds', 'site-a');
+unlike $out, qr/;/, 'creditsctl holds shows the hold id without its counters';
+
 # ---- nginx -t rejects what cannot work ----
 
 my @bad_conf = (
@@ -385,7 +418,7 @@ my $n = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
         }
     }
 END
-my ($rc, $out) = $n->test;
+($rc, $out) = $n->test;
 ok $rc, 'nginx -t rejects a regex route as a counter name';
 like $out, qr/set name=/, '... asking for name=';
 

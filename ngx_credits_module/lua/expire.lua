@@ -82,6 +82,12 @@ end
 local no_counters, budgets = {}, {}
 
 local function counters(member, limits)
+    -- most holds count in no window: no parsing for them
+    if (limits == nil or limits == '')
+       and not string.find(member, ';', 1, true) then
+        return no_counters
+    end
+
     local _, _, _, refs = parse_hold(member)
 
     if not refs then
