@@ -41,21 +41,91 @@ end
 local function parse_hold(member)
     local id, held, route = string.match(member, '^([^:]+):(%d+):(.*)$')
 
-    if id then
+    if id and string.find(id, ';', 1, true) then
         local rid, refs = string.match(id, '^([^;]*)(.*)$')
         return rid, held, route, refs
     end
+
+    return id, held, route, ''
 end
 
--- a counter's key, kind, name and the end of its window (ms), from its ref
-local function counter(ref)
-    local kind, name, period, start =
-        string.match(ref, '^([bv]),([^,]+),(%d+),(%d+)')
+-- A counter of a ref: {key, kind ('b' or 'v'), ref}, false if the ref is
+-- malformed; its name and the end of its window are read only when
+-- needed (counter_name, counter_end).  A batch's holds mostly share a
+-- budget and its limits: each ref and limits argument is read once per
+-- call.
+local seen_refs, seen_lists, seen_limits = {}, {}, {}
 
-    if kind then
-        return base .. string.gsub(ref, ',', ':'), kind, name,
-               (tonumber(start) + tonumber(period)) * 1000
+local function counter(ref)
+    local c = seen_refs[ref]
+
+    if c == nil then
+        local kind = string.sub(ref, 1, 1)
+
+        c = (kind == 'v' or kind == 'b')
+            and string.find(ref, '^.,[^,]+,%d+,%d+') ~= nil
+            and { base .. string.gsub(ref, ',', ':'), kind, ref }
+            or false
+        seen_refs[ref] = c
     end
+
+    return c
+end
+
+local function counter_name(c)
+    return string.match(c[3], '^.,([^,]+)')
+end
+
+local function counter_end(c)
+    local period, start = string.match(c[3], '^.,[^,]+,(%d+),(%d+)')
+
+    return (tonumber(start) + tonumber(period)) * 1000
+end
+
+-- the counters of a member's refs, in order; false if one is malformed
+local function counter_list(refs)
+    local list = seen_lists[refs]
+
+    if list == nil then
+        list = {}
+
+        for ref in string.gmatch(refs, ';([^;]+)') do
+            local c = counter(ref)
+
+            if not c then
+                list = false
+                break
+            end
+
+            list[#list + 1] = c
+        end
+
+        seen_lists[refs] = list
+    end
+
+    return list
+end
+
+-- the limits argument "l1,l2" as numbers; false if one is not whole
+local function limit_list(limits)
+    local list = seen_limits[limits]
+
+    if list == nil then
+        list = {}
+
+        for l in string.gmatch(limits, '[^,]+') do
+            if not whole(l) then
+                list = false
+                break
+            end
+
+            list[#list + 1] = tonumber(l)
+        end
+
+        seen_limits[limits] = list
+    end
+
+    return list
 end
 
 -- gives n credits back to the counters of refs that still exist (a
@@ -65,72 +135,61 @@ local function give_back(refs, n)
         return
     end
 
-    for ref in string.gmatch(refs, ';([^;]+)') do
-        local key = counter(ref)
-        local spent = key and tonumber(redis.call('GET', key) or '')
+    for _, c in ipairs(counter_list(refs) or {}) do
+        local spent = tonumber(redis.call('GET', c[1]) or '')
 
         if spent then
-            redis.call('SET', key, int(math.max(0, spent - n)), 'KEEPTTL')
+            redis.call('SET', c[1], int(math.max(0, spent - n)), 'KEEPTTL')
         end
     end
 end
 
--- The window counters a member names, with their limits (ARGV "l1,l2",
--- in the order of the refs; nil: not checked): a list of {key, kind,
--- limit, end of window}, or nil and what is wrong.  A budget's limit is
--- the project's own in credits:{P}:budgets when that is a whole number.
-local no_counters, budgets = {}, {}
+-- The window counters a member names and their limits (ARGV "l1,l2", in
+-- the order of the refs; nil: not checked): two lists, or nil and what
+-- is wrong.
+local no_counters = {}
 
 local function counters(member, limits)
     -- most holds count in no window: no parsing for them
     if (limits == nil or limits == '')
        and not string.find(member, ';', 1, true) then
-        return no_counters
+        return no_counters, no_counters
     end
 
-    local _, _, _, refs = parse_hold(member)
+    local refs = string.match(member, '^[^:;]*(;?[^:]*):%d+:')
 
     if not refs then
         return nil, 'a member is not <id>:<held>:<route>'
     end
 
-    if refs == '' and (limits == nil or limits == '') then
-        return no_counters
-    end
+    local list = counter_list(refs)
+    local lims = limits and limit_list(limits)
 
-    local list, given = {}, {}
-
-    for l in string.gmatch(limits or '', '[^,]+') do
-        given[#given + 1] = l
-    end
-
-    for ref in string.gmatch(refs, ';([^;]+)') do
-        local key, kind, name, ends = counter(ref)
-        local limit = given[#list + 1]
-
-        if not key or (limits and not (limit and whole(limit))) then
-            return nil, 'counters or their limits are not valid'
-        end
-
-        limit = tonumber(limit)
-
-        if limit and kind == 'b' then
-            if budgets[name] == nil then
-                local own = redis.call('HGET', base .. 'budgets', name)
-                budgets[name] = own and whole(own) and tonumber(own) or false
-            end
-
-            limit = budgets[name] or limit
-        end
-
-        list[#list + 1] = { key, kind, limit, ends }
-    end
-
-    if limits and #given ~= #list then
+    if not list or (limits and not (lims and #lims == #list)) then
         return nil, 'counters or their limits are not valid'
     end
 
-    return list
+    return list, lims
+end
+
+-- a counter's limit: a budget's is the project's own in
+-- credits:{P}:budgets when that is a whole number
+local budgets = {}
+
+local function limit_of(c, limit)
+    if c[2] ~= 'b' then
+        return limit
+    end
+
+    local own = budgets[c]
+
+    if own == nil then
+        own = redis.call('HGET', base .. 'budgets', counter_name(c))
+        own = own and whole(own) and tonumber(own) or false
+        budgets[c] = own
+    end
+
+    return own or limit
 end
 
 -- what the counters have spent in their windows: read once per call,
@@ -151,12 +210,16 @@ end
 
 -- the first counter that "need" (a function of the counter, or a number)
 -- would take past its limit: code 2 (a visitor) or 3 (the budget), limit
-local function over(list, need)
-    for _, c in ipairs(list) do
+local function over(list, lims, need)
+    for i, c in ipairs(list) do
         local n = type(need) == 'number' and need or need(c)
 
-        if n > 0 and spent(c[1]) + n > c[3] then
-            return c[2] == 'v' and 2 or 3, c[3]
+        if n > 0 then
+            local limit = limit_of(c, lims[i])
+
+            if spent(c[1]) + n > limit then
+                return c[2] == 'v' and 2 or 3, limit
+            end
         end
     end
 end
@@ -166,13 +229,14 @@ local function count(list, n)
         local k = type(n) == 'number' and n or n(c)
 
         tally[c[1]] = math.max(0, spent(c[1]) + k)
-        tally_ends[c[1]] = c[4]
+        tally_ends[c[1]] = c
     end
 end
 
 local function tally_write()
-    for key, ends in pairs(tally_ends) do
-        redis.call('SET', key, int(tally[key]), 'PXAT', int(ends + 60000))
+    for key, c in pairs(tally_ends) do
+        redis.call('SET', key, int(tally[key]), 'PXAT',
+                   int(counter_end(c) + 60000))
     end
 end
 

@@ -16,7 +16,7 @@ end
 -- half way (DECRBY of a fraction, say) would keep the holds placed so far
 -- without their debit.  The holds of a batch mostly share a ttl: its
 -- expiry is formatted once.
-local expires_at, lists = {}, {}
+local expires_at, lists, limits = {}, {}, {}
 
 for i = 1, #ARGV, 4 do
     local ttl = ARGV[i + 2]
@@ -27,13 +27,13 @@ for i = 1, #ARGV, 4 do
 
     expires_at[ttl] = expires_at[ttl] or int(now + tonumber(ttl))
 
-    local list, err = counters(ARGV[i], ARGV[i + 3])
+    local list, lims = counters(ARGV[i], ARGV[i + 3])
 
     if not list then
-        return redis.error_reply('hold: ' .. err)
+        return redis.error_reply('hold: ' .. lims)
     end
 
-    lists[i] = list
+    lists[i], limits[i] = list, lims
 end
 
 local balance = tonumber(redis.call('GET', balance_key) or '0')
@@ -47,7 +47,7 @@ local replies, debit = {}, 0
 
 for i = 1, #ARGV, 4 do
     local price = tonumber(ARGV[i + 1])
-    local code, limit = over(lists[i], price)
+    local code, limit = over(lists[i], limits[i], price)
 
     if code then
         replies[#replies + 1] = code

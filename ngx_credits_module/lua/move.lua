@@ -18,7 +18,7 @@ if #ARGV == 0 or #ARGV % 4 ~= 0 then
 end
 
 -- every argument is checked before anything is written
-local amounts, olds, news = {}, {}, {}
+local amounts, olds, news, limits = {}, {}, {}, {}
 
 for i = 1, #ARGV, 4 do
     local _, was = parse_hold(ARGV[i])
@@ -30,11 +30,13 @@ for i = 1, #ARGV, 4 do
     end
 
     local old, err = counters(ARGV[i])
-    local new, err2 = counters(ARGV[i + 1], ARGV[i + 3])
+    local new, lims = counters(ARGV[i + 1], ARGV[i + 3])
 
     if not old or not new then
-        return redis.error_reply('move: ' .. (err or err2))
+        return redis.error_reply('move: ' .. (old and lims or err))
     end
+
+    limits[i] = lims
 
     amounts[i] = { tonumber(was), tonumber(held) }
     olds[i], news[i] = {}, new
@@ -62,7 +64,7 @@ for i = 1, #ARGV, 4 do
         return old[c[1]] and held - was or held
     end
 
-    local code, limit = over(news[i], need)
+    local code, limit = over(news[i], limits[i], need)
 
     if not redis.call('ZSCORE', holds_key, ARGV[i])
        or redis.call('ZSCORE', holds_key, ARGV[i + 1]) then
