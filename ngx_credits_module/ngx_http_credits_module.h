@@ -221,6 +221,10 @@ extern ngx_module_t  ngx_http_credits_module;
 ngx_int_t ngx_http_credits_access_init(ngx_conf_t *cf);
 ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
 
+/* the module's own answers: 401, 402, 429, 503 */
+ngx_int_t ngx_http_credits_verdict(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx);
+
 /* variables */
 ngx_int_t ngx_http_credits_add_variables(ngx_conf_t *cf);
 
