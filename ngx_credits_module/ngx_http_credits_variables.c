@@ -17,6 +17,8 @@
 
 static ngx_int_t ngx_http_credits_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static void ngx_http_credits_value(ngx_http_variable_value_t *v,
+    ngx_str_t *s);
 static ngx_int_t ngx_http_credits_claim_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_credits_claim(ngx_http_request_t *r,
@@ -141,18 +143,27 @@ ngx_http_credits_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         s.len = ngx_http_credits_write_int(s.data, n) - s.data;
     }
 
-    if (s.len == 0) {
+    ngx_http_credits_value(v, &s);
+
+    return NGX_OK;
+}
+
+
+/* the value, or not found when it is empty */
+
+static void
+ngx_http_credits_value(ngx_http_variable_value_t *v, ngx_str_t *s)
+{
+    if (s->len == 0) {
         v->not_found = 1;
-        return NGX_OK;
+        return;
     }
 
-    v->len = s.len;
-    v->data = s.data;
+    v->len = s->len;
+    v->data = s->data;
     v->valid = 1;
     v->no_cacheable = 1;
     v->not_found = 0;
-
-    return NGX_OK;
 }
 
 
@@ -198,13 +209,7 @@ ngx_http_credits_claim_variable(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    if (value.len) {
-        v->len = value.len;
-        v->data = value.data;
-        v->valid = 1;
-        v->no_cacheable = 1;
-        v->not_found = 0;
-    }
+    ngx_http_credits_value(v, &value);
 
     return NGX_OK;
 }
