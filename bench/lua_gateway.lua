@@ -170,7 +170,7 @@ function _M.hold()
     local keys = { prefix .. 'balance', prefix .. 'holds', prefix .. 'ledger' }
     local member = ngx.var.request_id .. ':' .. conf.price .. ':' .. conf.route
     local reply, err = script(conf.hold_sha, conf.hold, keys,
-                              { member, conf.price, conf.ttl })
+                              { member, conf.price, conf.ttl, '' })
     if not reply then
         ngx.log(ngx.ERR, 'hold failed: ', err)
         return ngx.exit(503)

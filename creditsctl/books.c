@@ -137,7 +137,9 @@ cmd_ledger(options_t *o, int argc, char **argv)
 
 /*
  * A hold is the member "<id>:<held>:<route>" scored by its expiry in ms;
- * read as the gateway's scripts read it.
+ * read as the gateway's scripts read it.  The id part may go on with the
+ * hold's window counters, ";<counter>..." (credits_visitor_limit,
+ * credits_budget): the id is what comes before them, as in the ledger.
  */
 
 static int
@@ -155,6 +157,10 @@ parse_hold(redisReply *m, hold_t *h)
 
     h->id = p;
     h->id_len = c - p;
+
+    if (memchr(p, ';', c - p)) {
+        h->id_len = (const char *) memchr(p, ';', c - p) - p;
+    }
 
     p = c + 1;
     c = memchr(p, ':', end - p);

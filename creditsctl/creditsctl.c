@@ -10,6 +10,8 @@
  *   creditsctl [options] ledger P [--last N]
  *   creditsctl [options] holds P
  *   creditsctl [options] audit P [--start N]
+ *   creditsctl [options] budget P [NAME [N | --unset]]
+ *   creditsctl [options] visitors P NAME [--top N]
  *
  * This file: the command line, balances, top-ups and prices.
  */
@@ -56,6 +58,10 @@ static const command_t  commands[] = {
       "list the project's open holds" },
     { "audit", "P [--start N]", cmd_audit,
       "check start + top-ups = balance + charged + open holds" },
+    { "budget", "P [NAME [N | --unset]]", cmd_budget,
+      "show, set or remove the project's own budgets (0 = off)" },
+    { "visitors", "P NAME [--top N]", cmd_visitors,
+      "spend per hashed visitor in the current window" },
     { NULL, NULL, NULL, NULL }
 };
 
@@ -151,9 +157,9 @@ parse_number(const char *s, long long min, const char *what)
 }
 
 
-/* a price as the gateway takes it (1 to 15 digits), else -1 */
+/* a price (or a budget) as the gateway takes it (1 to 15 digits), else -1 */
 
-static long long
+long long
 price_value(const char *s, size_t len)
 {
     size_t  i;

@@ -42,6 +42,7 @@ int whole_number(const char *s, size_t len, long long *n);
 long long parse_number(const char *s, long long min, const char *what);
 const char *check_project(const char *p);
 int no_more_args(int argc, int want, const char *usage_line);
+long long price_value(const char *s, size_t len);
 
 /* redis.c */
 char *key(options_t *o, const char *project, const char *suffix);
@@ -63,6 +64,10 @@ void json_cstring(FILE *f, const char *s);
 int cmd_ledger(options_t *o, int argc, char **argv);
 int cmd_holds(options_t *o, int argc, char **argv);
 int cmd_audit(options_t *o, int argc, char **argv);
+
+/* limits.c: budgets and visitors of embedded features */
+int cmd_budget(options_t *o, int argc, char **argv);
+int cmd_visitors(options_t *o, int argc, char **argv);
 
 
 #endif /* _CREDITSCTL_H_INCLUDED_ */

@@ -3,8 +3,8 @@
  * Copyright (C) The ngx_http_credits_module authors
  *
  * The access phase: the gate every metered location a request enters
- * (token, price, hold), the answers the module writes itself (401, 402,
- * 503, as JSON), and the request's context.
+ * (token, price, hold) and the request's context; the answers the gate
+ * decides are written in ngx_http_credits_answers.c.
  *
  * The charge follows the metered location in charge: the last one whose
  * gate the request passed.  A request handed on (internal redirect,
@@ -36,26 +36,9 @@ static ngx_int_t ngx_http_credits_token(ngx_http_request_t *r,
     ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token);
 static ngx_int_t ngx_http_credits_price(ngx_http_request_t *r,
     ngx_http_credits_loc_conf_t *lcf);
-static ngx_int_t ngx_http_credits_verdict(ngx_http_request_t *r,
-    ngx_http_credits_ctx_t *ctx);
-static ngx_int_t ngx_http_credits_answer_str(ngx_http_request_t *r,
-    ngx_uint_t status, ngx_str_t *body);
-static ngx_int_t ngx_http_credits_answer(ngx_http_request_t *r,
-    ngx_uint_t status, ngx_buf_t *b);
-static ngx_uint_t ngx_http_credits_error_page(ngx_http_request_t *r,
-    ngx_uint_t status);
 static ngx_http_credits_ctx_t *ngx_http_credits_create_ctx(
     ngx_http_request_t *r);
 static void ngx_http_credits_cleanup(void *data);
-
-
-static ngx_str_t  ngx_http_credits_invalid_token =
-    ngx_string("{\"error\":\"invalid_token\"}\n");
-static ngx_str_t  ngx_http_credits_unavailable =
-    ngx_string("{\"error\":\"credits_unavailable\"}\n");
-static ngx_str_t  ngx_http_credits_bearer =
-    ngx_string("Bearer error=\"invalid_token\"");
-static ngx_str_t  ngx_http_credits_retry_after = ngx_string("1");
 
 
 ngx_int_t
@@ -224,6 +207,7 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ctx->answered = 0;
     ctx->rc = NGX_DECLINED;
     ctx->route = lcf->route;
+    ngx_str_null(&ctx->token);
 
     if (ngx_http_credits_token(r, &lcf->jwt, &token) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -249,6 +233,9 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return ngx_http_credits_verdict(r, ctx);
     }
 
+    /* $credits_claim_NAME reads the claims of this token */
+    ctx->token = token;
+
     price = ngx_http_credits_price(r, lcf);
 
     if (price == NGX_ERROR) {
@@ -272,6 +259,10 @@ ngx_http_credits_gate(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     if (price == 0) {
         ctx->outcome = NGX_HTTP_CREDITS_FREE;
         return NGX_DECLINED;
+    }
+
+    if (ngx_http_credits_counters(r, ctx, lcf) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     rc = ctx->held ? ngx_http_credits_move(r, ctx, lcf)
@@ -351,163 +342,6 @@ ngx_http_credits_price(ngx_http_request_t *r, ngx_http_credits_loc_conf_t *lcf)
     }
 
     return price;
-}
-
-
-/* what the gate decided, once the hold's answer (or its absence) is known */
-
-static ngx_int_t
-ngx_http_credits_verdict(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
-{
-    u_char     *p;
-    ngx_buf_t  *b;
-
-    if (ctx->answered) {
-        return ctx->rc;
-    }
-
-    ctx->answered = 1;
-
-    switch (ctx->rc) {
-
-    case NGX_HTTP_UNAUTHORIZED:
-
-        r->headers_out.www_authenticate = ngx_http_credits_add_header(r,
-                                "WWW-Authenticate", &ngx_http_credits_bearer);
-        if (r->headers_out.www_authenticate == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        return ngx_http_credits_answer_str(r, NGX_HTTP_UNAUTHORIZED,
-                                           &ngx_http_credits_invalid_token);
-
-    case NGX_HTTP_SERVICE_UNAVAILABLE:
-
-        if (ngx_http_credits_add_header(r, "Retry-After",
-                                        &ngx_http_credits_retry_after)
-            == NULL)
-        {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        return ngx_http_credits_answer_str(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                           &ngx_http_credits_unavailable);
-
-    case NGX_HTTP_CREDITS_PAYMENT_REQUIRED:
-
-        b = ngx_create_temp_buf(r->pool,
-                                sizeof("{\"error\":\"insufficient_credits\","
-                                       "\"required\":,\"balance\":}\n") - 1
-                                + 2 * NGX_INT_T_LEN);
-        if (b == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        p = ngx_cpymem(b->last, "{\"error\":\"insufficient_credits\","
-                       "\"required\":", sizeof("{\"error\":\"insufficient_"
-                       "credits\",\"required\":") - 1);
-        p = ngx_http_credits_write_int(p, ctx->price);
-        p = ngx_cpymem(p, ",\"balance\":", sizeof(",\"balance\":") - 1);
-        p = ngx_http_credits_write_int(p, ctx->balance);
-        b->last = ngx_cpymem(p, "}\n", 2);
-
-        return ngx_http_credits_answer(r, NGX_HTTP_CREDITS_PAYMENT_REQUIRED, b);
-
-    default:
-        return ctx->rc;
-    }
-}
-
-
-/* an answer whose body is a constant */
-
-static ngx_int_t
-ngx_http_credits_answer_str(ngx_http_request_t *r, ngx_uint_t status,
-    ngx_str_t *body)
-{
-    ngx_buf_t  *b;
-
-    b = ngx_calloc_buf(r->pool);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    b->pos = body->data;
-    b->last = body->data + body->len;
-    b->memory = 1;
-
-    return ngx_http_credits_answer(r, status, b);
-}
-
-
-/*
- * The module's own answer, a JSON body, unless the operator configured an
- * error_page for the status: then nginx's error_page machinery answers.
- */
-
-static ngx_int_t
-ngx_http_credits_answer(ngx_http_request_t *r, ngx_uint_t status,
-    ngx_buf_t *b)
-{
-    ngx_int_t    rc;
-    ngx_chain_t  out;
-
-    if (ngx_http_credits_error_page(r, status)) {
-        return status;
-    }
-
-    b->last_buf = 1;
-    b->last_in_chain = 1;
-
-    r->headers_out.status = status;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
-        r->keepalive = 0;
-    }
-
-    rc = ngx_http_send_header(r);
-
-    if (rc != NGX_ERROR && rc <= NGX_OK && !r->header_only) {
-        out.buf = b;
-        out.next = NULL;
-        rc = ngx_http_output_filter(r, &out);
-    }
-
-    /* the response is complete: finalize it here and stop the phases */
-    ngx_http_finalize_request(r, rc);
-
-    return NGX_DONE;
-}
-
-
-/* as ngx_http_special_response_handler() would find it */
-
-static ngx_uint_t
-ngx_http_credits_error_page(ngx_http_request_t *r, ngx_uint_t status)
-{
-    ngx_uint_t                 i;
-    ngx_http_err_page_t       *err_page;
-    ngx_http_core_loc_conf_t  *clcf;
-
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
-
-    if (r->error_page || clcf->error_pages == NULL || r->uri_changes == 0) {
-        return 0;
-    }
-
-    err_page = clcf->error_pages->elts;
-
-    for (i = 0; i < clcf->error_pages->nelts; i++) {
-        if (err_page[i].status == (ngx_int_t) status) {
-            return 1;
-        }
-    }
-
-    return 0;
 }
 
 

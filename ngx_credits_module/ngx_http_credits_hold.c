@@ -130,7 +130,7 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_loc_conf_t *lcf)
 {
     u_char     ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
-    ngx_str_t  args[3];
+    ngx_str_t  args[4];
 
     if (ngx_http_credits_hold_keys(r, ctx) != NGX_OK
         || ngx_http_credits_member(r, ctx, ctx->price, &ctx->member) != NGX_OK)
@@ -139,7 +139,7 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return NGX_OK;
     }
 
-    /* member, price, ttl */
+    /* member, price, ttl, limits of the member's counters */
 
     args[0] = ctx->member;
     args[1].data = price;
@@ -147,6 +147,7 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].data = ttl;
     args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
                   - ttl;
+    args[3] = ctx->limits;
 
     ctx->amount = ctx->price;
 
@@ -167,7 +168,7 @@ ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 {
     u_char     ttl[NGX_INT_T_LEN];
     ngx_int_t  amount;
-    ngx_str_t  args[3];
+    ngx_str_t  args[4];
 
     amount = ngx_max(ctx->amount, ctx->price);
 
@@ -182,13 +183,14 @@ ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return NGX_DECLINED;
     }
 
-    /* old member, new member, ttl */
+    /* old member, new member, ttl, limits of the new member's counters */
 
     args[0] = ctx->member;
     args[1] = ctx->moved;
     args[2].data = ttl;
     args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
                   - ttl;
+    args[3] = ctx->limits;
 
     return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_move_script,
                                       args, ngx_http_credits_move_handler);
@@ -202,7 +204,7 @@ ngx_http_credits_hold_send(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 {
     ngx_http_credits_main_conf_t  *cmcf;
 
-    ctx->item = ngx_http_credits_batch_add(script, ctx->keys, args, 3,
+    ctx->item = ngx_http_credits_batch_add(script, ctx->keys, args, 4,
                                            handler, ctx);
 
     if (ctx->item == NULL) {
@@ -262,7 +264,11 @@ ngx_http_credits_hold_keys(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx)
 }
 
 
-/* the member "<hold id>:<amount>:<route>"; the hold id is $request_id */
+/*
+ * The member "<hold id><refs>:<amount>:<route>"; the hold id is
+ * $request_id, the refs name the hold's window counters, if any
+ * (ngx_http_credits_visitors.c).
+ */
 
 ngx_int_t
 ngx_http_credits_member(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
@@ -284,14 +290,15 @@ ngx_http_credits_member(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         ctx->hold_id.len = id->len;
     }
 
-    p = ngx_pnalloc(r->pool, ctx->hold_id.len + 1 + NGX_INT_T_LEN + 1
-                             + ctx->route.len);
+    p = ngx_pnalloc(r->pool, ctx->hold_id.len + ctx->refs.len + 1
+                             + NGX_INT_T_LEN + 1 + ctx->route.len);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
     member->data = p;
     p = ngx_cpymem(p, ctx->hold_id.data, ctx->hold_id.len);
+    p = ngx_cpymem(p, ctx->refs.data, ctx->refs.len);
     *p++ = ':';
     p = ngx_http_credits_write_int(p, amount);
     *p++ = ':';
@@ -363,8 +370,10 @@ ngx_http_credits_request_id(ngx_http_request_t *r, ngx_int_t index)
 /*
  * A hold's (or a move's) part of the batch's reply, seen as an array:
  * {1, balance}: placed; {0, balance}: too low (a balance may be negative:
- * a chargeback or correction); anything else, such as {-1, balance} (a
- * hold with that id exists, or the hold to move is gone), is an error
+ * a chargeback or correction); {2 or 3, limit}: a visitor's limit or the
+ * budget reached (NGX_HTTP_CREDITS_OVER_*, returned as they are);
+ * anything else, such as {-1, balance} (a hold with that id exists, or
+ * the hold to move is gone), is an error
  */
 
 ngx_int_t
@@ -375,15 +384,22 @@ ngx_http_credits_hold_reply(redisReply *reply, ngx_int_t *balance)
         || reply->elements != 2
         || reply->element[0]->type != REDIS_REPLY_INTEGER
         || reply->element[1]->type != REDIS_REPLY_INTEGER
-        || (reply->element[0]->integer != 0
-            && reply->element[0]->integer != 1))
+        || reply->element[0]->integer < 0
+        || reply->element[0]->integer > NGX_HTTP_CREDITS_OVER_BUDGET)
     {
         return NGX_ERROR;
     }
 
     *balance = (ngx_int_t) reply->element[1]->integer;
 
-    return reply->element[0]->integer ? NGX_OK : NGX_DECLINED;
+    switch (reply->element[0]->integer) {
+    case 0:
+        return NGX_DECLINED;
+    case 1:
+        return NGX_OK;
+    default:
+        return (ngx_int_t) reply->element[0]->integer;
+    }
 }
 
 
@@ -417,6 +433,11 @@ ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
         ctx->outcome = NGX_HTTP_CREDITS_INSUFFICIENT;
         ctx->rc = NGX_HTTP_CREDITS_PAYMENT_REQUIRED;
         ngx_http_credits_count_outcome(ctx->outcome);
+        break;
+
+    case NGX_HTTP_CREDITS_OVER_VISITOR:
+    case NGX_HTTP_CREDITS_OVER_BUDGET:
+        ngx_http_credits_limited(ctx, rc, balance);
         break;
 
     default:
@@ -462,6 +483,12 @@ ngx_http_credits_move_handler(ngx_http_credits_batch_item_t *item,
         ctx->balance = balance;
         ctx->rc = NGX_HTTP_CREDITS_PAYMENT_REQUIRED;
         ngx_http_credits_count_outcome(NGX_HTTP_CREDITS_INSUFFICIENT);
+        break;
+
+    case NGX_HTTP_CREDITS_OVER_VISITOR:
+    case NGX_HTTP_CREDITS_OVER_BUDGET:
+        /* as for a 402: the hold stays as it was, the 429 releases it */
+        ngx_http_credits_limited(ctx, rc, balance);
         break;
 
     default:

@@ -41,8 +41,6 @@ static ngx_http_credits_alg_t  ngx_http_credits_algs[] = {
 
 static ngx_int_t ngx_http_credits_jwt_split(ngx_str_t *token,
     ngx_str_t *segments, const char **reason);
-static ngx_int_t ngx_http_credits_jwt_decode_json(ngx_str_t *segment,
-    ngx_pool_t *pool, json_t **json);
 static ngx_int_t ngx_http_credits_jwt_algorithm(json_t *header,
     ngx_uint_t algorithms, ngx_http_credits_alg_t **alg, const char **reason);
 static ngx_int_t ngx_http_credits_jwt_signature(
@@ -242,7 +240,7 @@ ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token,
                                            &exp, reason);
     }
 
-    if (ngx_http_credits_jwt_digest(token, digest) != NGX_OK) {
+    if (ngx_http_credits_sha256(token, 1, digest) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -384,7 +382,7 @@ ngx_http_credits_jwt_split(ngx_str_t *token, ngx_str_t *segments,
 /* base64url without padding, then a JSON object without duplicate keys
  * (a duplicate could say one thing to us and another to the signer) */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_credits_jwt_decode_json(ngx_str_t *segment, ngx_pool_t *pool,
     json_t **json)
 {

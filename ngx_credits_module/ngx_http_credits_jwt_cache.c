@@ -47,14 +47,17 @@ static void ngx_http_credits_jwt_cache_remove(
 
 
 /*
- * OpenSSL 3 looks the digest up on every EVP_sha256() call and EVP_Digest()
- * allocates a context per call: the worker keeps one of each.
+ * The SHA-256 of the parts, one after the other: of a token here, of a
+ * visitor id (ngx_http_credits_visitors.c).  OpenSSL 3 looks the digest up
+ * on every EVP_sha256() call and EVP_Digest() allocates a context per
+ * call: the worker keeps one of each.
  */
 
 ngx_int_t
-ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest)
+ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n, u_char *digest)
 {
-    unsigned int         n;
+    unsigned int         len;
+    ngx_uint_t           i;
     static EVP_MD       *sha256;
     static EVP_MD_CTX   *ctx;
 
@@ -71,10 +74,17 @@ ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest)
         }
     }
 
-    if (EVP_DigestInit_ex2(ctx, sha256, NULL) != 1
-        || EVP_DigestUpdate(ctx, token->data, token->len) != 1
-        || EVP_DigestFinal_ex(ctx, digest, &n) != 1)
-    {
+    if (EVP_DigestInit_ex2(ctx, sha256, NULL) != 1) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (EVP_DigestUpdate(ctx, parts[i].data, parts[i].len) != 1) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (EVP_DigestFinal_ex(ctx, digest, &len) != 1) {
         return NGX_ERROR;
     }
 

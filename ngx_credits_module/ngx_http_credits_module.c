@@ -165,6 +165,29 @@ static ngx_command_t  ngx_http_credits_commands[] = {
       offsetof(ngx_http_credits_loc_conf_t, jwt.cache_size),
       NULL },
 
+    { ngx_string("credits_visitor"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_credits_loc_conf_t, visitor),
+      NULL },
+
+    { ngx_string("credits_visitor_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF
+                        |NGX_CONF_TAKE3|NGX_CONF_TAKE4,
+      ngx_http_credits_limit_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_credits_loc_conf_t, visitor_limit),
+      NULL },
+
+    { ngx_string("credits_budget"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF
+                        |NGX_CONF_TAKE3|NGX_CONF_TAKE4,
+      ngx_http_credits_limit_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_credits_loc_conf_t, budget),
+      NULL },
+
     { ngx_string("credits_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_credits_status,
@@ -296,6 +319,10 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
      *     lcf->jwt.audience = { 0, NULL };
      *     lcf->jwt.project_claim = { 0, NULL };
      *     lcf->jwt.token = NULL;
+     *     lcf->visitor = NULL;
+     *     lcf->visitor_limit.name = { 0, NULL };
+     *     lcf->budget.name = { 0, NULL };
+     *     lcf->visitor_key = NULL;
      */
 
     lcf->enable = NGX_CONF_UNSET;
@@ -304,6 +331,8 @@ ngx_http_credits_create_loc_conf(ngx_conf_t *cf)
     lcf->fail = NGX_CONF_UNSET_UINT;
     lcf->jwt.leeway = NGX_CONF_UNSET;
     lcf->jwt.cache_size = NGX_CONF_UNSET_UINT;
+    lcf->visitor_limit.limit = NGX_CONF_UNSET;
+    lcf->budget.limit = NGX_CONF_UNSET;
 
     return lcf;
 }
@@ -394,6 +423,10 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     if (conf->jwt.token == NULL) {
         conf->jwt.token = prev->jwt.token;
+    }
+
+    if (ngx_http_credits_merge_limits(cf, prev, conf) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
     }
 
     if (!conf->enable) {

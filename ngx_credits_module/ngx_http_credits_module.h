@@ -14,6 +14,9 @@
 #include <hiredis/hiredis.h>
 
 
+struct json_t;
+
+
 #define NGX_HTTP_CREDITS_TOKEN_MAX       8192
 #define NGX_HTTP_CREDITS_PROJECT_MAX     128
 #define NGX_HTTP_CREDITS_DIGEST_LEN      32
@@ -32,6 +35,8 @@ typedef enum {
     NGX_HTTP_CREDITS_INSUFFICIENT,
     NGX_HTTP_CREDITS_REDIS_UNAVAILABLE,
     NGX_HTTP_CREDITS_FAIL_OPEN,
+    NGX_HTTP_CREDITS_VISITOR_LIMITED,
+    NGX_HTTP_CREDITS_BUDGET_EXHAUSTED,
     NGX_HTTP_CREDITS_FREE,
     NGX_HTTP_CREDITS_OUTCOMES
 } ngx_http_credits_outcome_e;
@@ -83,6 +88,14 @@ typedef struct {
 } ngx_http_credits_main_conf_t;
 
 
+/* credits_visitor_limit, credits_budget: N per TIME [name=S] */
+typedef struct {
+    ngx_int_t                       limit;     /* NGX_CONF_UNSET: none */
+    time_t                          period;    /* seconds */
+    ngx_str_t                       name;      /* counters' name */
+} ngx_http_credits_limit_t;
+
+
 typedef struct {
     ngx_flag_t                      enable;
     ngx_http_complex_value_t       *price;
@@ -95,10 +108,18 @@ typedef struct {
     ngx_msec_t                      hold_ttl;
     ngx_uint_t                      fail;
     ngx_http_credits_jwt_conf_t     jwt;
+    ngx_http_complex_value_t       *visitor;
+    ngx_http_credits_limit_t        visitor_limit;
+    ngx_http_credits_limit_t        budget;
+    u_char                         *visitor_key;   /* hashes visitor ids */
 } ngx_http_credits_loc_conf_t;
 
 
 #define NGX_HTTP_CREDITS_PAYMENT_REQUIRED  402
+
+/* a hold script's codes beyond placed (1) and too low (0) */
+#define NGX_HTTP_CREDITS_OVER_VISITOR      2
+#define NGX_HTTP_CREDITS_OVER_BUDGET       3
 
 #define NGX_HTTP_CREDITS_ON_FAIL_CLOSE  1
 #define NGX_HTTP_CREDITS_ON_FAIL_OPEN   2
@@ -214,6 +235,12 @@ typedef struct {
     ngx_str_t                       member;       /* holds zset member */
     ngx_str_t                       moved;        /* member a move makes */
     ngx_str_t                       keys[3];      /* balance, holds, ledger */
+    ngx_str_t                       token;        /* verified */
+    ngx_str_t                       refs;         /* window counters */
+    ngx_str_t                       limits;       /* theirs, in order */
+    time_t                          ends[2];      /* visitor, budget window */
+    ngx_int_t                       limit;        /* what a 429 says */
+    time_t                          retry_at;     /* ... and its window end */
 
     ngx_int_t                       price;        /* at most this is charged */
     ngx_int_t                       amount;       /* credits held */
@@ -236,6 +263,7 @@ typedef struct {
     unsigned                        settled:1;
     unsigned                        growing:1;    /* "moved" may be the hold */
     unsigned                        stream_done:1;
+    unsigned                        over_visitor:1;  /* else the budget */
 } ngx_http_credits_ctx_t;
 
 
@@ -246,8 +274,23 @@ extern ngx_module_t  ngx_http_credits_module;
 ngx_int_t ngx_http_credits_access_init(ngx_conf_t *cf);
 ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
 
+/* the module's own answers: 401, 402, 429, 503 */
+ngx_int_t ngx_http_credits_verdict(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx);
+
 /* variables */
 ngx_int_t ngx_http_credits_add_variables(ngx_conf_t *cf);
+
+/* visitors and budgets: window counters of a hold */
+char *ngx_http_credits_limit_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_credits_merge_limits(ngx_conf_t *cf,
+    ngx_http_credits_loc_conf_t *prev, ngx_http_credits_loc_conf_t *conf);
+ngx_int_t ngx_http_credits_counters(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+void ngx_http_credits_limited(ngx_http_credits_ctx_t *ctx, ngx_int_t code,
+    ngx_int_t limit);
+time_t ngx_http_credits_window_left(ngx_http_credits_ctx_t *ctx);
 
 /* numbers */
 ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
@@ -267,8 +310,12 @@ ngx_int_t ngx_http_credits_jwt_verify(ngx_http_credits_jwt_conf_t *jcf,
     ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project,
     double *exp, const char **reason);
 
+ngx_int_t ngx_http_credits_jwt_decode_json(ngx_str_t *segment,
+    ngx_pool_t *pool, struct json_t **json);
+
 /* verified-token cache */
-ngx_int_t ngx_http_credits_jwt_digest(ngx_str_t *token, u_char *digest);
+ngx_int_t ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n,
+    u_char *digest);
 ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
     u_char *digest, time_t now, ngx_pool_t *pool, ngx_str_t *project);
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,

@@ -60,6 +60,8 @@ ngx_str_t  ngx_http_credits_outcome_names[] = {
     ngx_string("insufficient"),
     ngx_string("redis_unavailable"),
     ngx_string("fail_open"),
+    ngx_string("visitor_limited"),
+    ngx_string("budget_exhausted"),
     ngx_string("free")
 };
 

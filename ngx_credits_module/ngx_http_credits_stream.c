@@ -253,7 +253,7 @@ ngx_http_credits_grow(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_int_t amount)
 {
     u_char     ttl[NGX_INT_T_LEN];
-    ngx_str_t  args[3];
+    ngx_str_t  args[4];
 
     if (ngx_http_credits_member(r, ctx, amount, &ctx->moved) != NGX_OK) {
         return;
@@ -265,9 +265,10 @@ ngx_http_credits_grow(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].len = ngx_http_credits_write_int(ttl,
                                              (ngx_int_t) ctx->lcf->hold_ttl)
                   - ttl;
+    args[3] = ctx->limits;
 
     ctx->grow_item = ngx_http_credits_batch_add(&ngx_http_credits_move_script,
-                                                ctx->keys, args, 3,
+                                                ctx->keys, args, 4,
                                                 ngx_http_credits_grow_handler,
                                                 ctx);
     if (ctx->grow_item == NULL) {
@@ -313,6 +314,13 @@ ngx_http_credits_grow_handler(ngx_http_credits_batch_item_t *item,
 
     case NGX_DECLINED:
         ctx->balance = balance;
+        ctx->growing = 0;
+        ngx_http_credits_stream_stop(ctx, ctx->grow_to - ctx->amount);
+        return;
+
+    case NGX_HTTP_CREDITS_OVER_VISITOR:
+    case NGX_HTTP_CREDITS_OVER_BUDGET:
+        /* a visitor's limit or the budget cannot take more: ends as well */
         ctx->growing = 0;
         ngx_http_credits_stream_stop(ctx, ctx->grow_to - ctx->amount);
         return;

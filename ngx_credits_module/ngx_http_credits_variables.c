@@ -5,15 +5,24 @@
  * The $credits_* variables.  Reading one never changes what the request
  * will be charged: they show the state so far, and the outcome and the
  * charge only once the request is over (the log phase decides them,
- * before the access log is written).
+ * before the access log is written).  $credits_claim_NAME reads a claim
+ * of the token the request's gate verified.
  */
 
 
 #include "ngx_http_credits_module.h"
 
+#include <jansson.h>
+
 
 static ngx_int_t ngx_http_credits_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static void ngx_http_credits_value(ngx_http_variable_value_t *v,
+    ngx_str_t *s);
+static ngx_int_t ngx_http_credits_claim_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_credits_claim(ngx_http_request_t *r,
+    ngx_str_t *token, const char *name, ngx_str_t *value);
 
 
 enum {
@@ -53,6 +62,9 @@ static ngx_http_variable_t  ngx_http_credits_vars[] = {
 
     { ngx_string("credits_hold_id"), NULL, ngx_http_credits_variable,
       NGX_HTTP_CREDITS_VAR_HOLD_ID, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("credits_claim_"), NULL, ngx_http_credits_claim_variable,
+      0, NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_PREFIX, 0 },
 
       ngx_http_null_variable
 };
@@ -131,18 +143,136 @@ ngx_http_credits_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
         s.len = ngx_http_credits_write_int(s.data, n) - s.data;
     }
 
-    if (s.len == 0) {
+    ngx_http_credits_value(v, &s);
+
+    return NGX_OK;
+}
+
+
+/* the value, or not found when it is empty */
+
+static void
+ngx_http_credits_value(ngx_http_variable_value_t *v, ngx_str_t *s)
+{
+    if (s->len == 0) {
         v->not_found = 1;
-        return NGX_OK;
+        return;
     }
 
-    v->len = s.len;
-    v->data = s.data;
+    v->len = s->len;
+    v->data = s->data;
     v->valid = 1;
     v->no_cacheable = 1;
     v->not_found = 0;
+}
+
+
+/*
+ * $credits_claim_NAME: a string claim as it is, an integer one in
+ * decimal; empty for any other claim, a missing one, and before (or
+ * without) a verified token.  The claims are read again from the token
+ * the gate verified (or found in its cache of verified tokens): only the
+ * bytes that were verified are ever read.
+ */
+
+static ngx_int_t
+ngx_http_credits_claim_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_str_t  *var = (ngx_str_t *) data;
+
+    u_char                  *name;
+    size_t                   len;
+    ngx_str_t                value;
+    ngx_http_credits_ctx_t  *ctx;
+
+    v->not_found = 1;
+
+    ctx = ngx_http_credits_get_ctx(r->main);
+
+    if (ctx == NULL || ctx->token.len == 0) {
+        return NGX_OK;
+    }
+
+    len = var->len - (sizeof("credits_claim_") - 1);
+
+    name = ngx_pnalloc(r->pool, len + 1);
+    if (name == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_cpystrn(name, var->data + sizeof("credits_claim_") - 1, len + 1);
+
+    if (ngx_http_credits_claim(r, &ctx->token, (char *) name, &value)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_http_credits_value(v, &value);
 
     return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_credits_claim(ngx_http_request_t *r, ngx_str_t *token,
+    const char *name, ngx_str_t *value)
+{
+    u_char     *dot1, *dot2, *last;
+    json_t     *claims, *claim;
+    ngx_int_t   rc;
+    ngx_str_t   segment;
+
+    ngx_str_null(value);
+
+    last = token->data + token->len;
+    dot1 = ngx_strlchr(token->data, last, '.');
+    dot2 = dot1 ? ngx_strlchr(dot1 + 1, last, '.') : NULL;
+
+    if (dot2 == NULL) {
+        return NGX_OK;
+    }
+
+    segment.data = dot1 + 1;
+    segment.len = dot2 - segment.data;
+
+    rc = ngx_http_credits_jwt_decode_json(&segment, r->pool, &claims);
+
+    if (rc != NGX_OK) {
+        return (rc == NGX_ERROR) ? NGX_ERROR : NGX_OK;
+    }
+
+    claim = json_object_get(claims, name);
+    rc = NGX_OK;
+
+    if (json_is_string(claim)) {
+        value->len = json_string_length(claim);
+        value->data = ngx_pnalloc(r->pool, value->len);
+
+        if (value->data == NULL) {
+            rc = NGX_ERROR;
+
+        } else {
+            ngx_memcpy(value->data, json_string_value(claim), value->len);
+        }
+
+    } else if (json_is_integer(claim)) {
+        value->data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+
+        if (value->data == NULL) {
+            rc = NGX_ERROR;
+
+        } else {
+            value->len = ngx_sprintf(value->data, "%L",
+                                     (int64_t) json_integer_value(claim))
+                         - value->data;
+        }
+    }
+
+    json_decref(claims);
+
+    return rc;
 }
 
 

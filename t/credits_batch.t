@@ -71,9 +71,11 @@ sub script_calls {
         my @a = /"((?:[^"\\]|\\.)*)"/g;
         my (undef, undef, $numkeys, @rest) = @a;
         my @keys = splice @rest, 0, $numkeys;
-        my $per = (@rest >= 4 && $rest[3] =~ /^(commit|release)$/) ? 4 : 3;
+        # four arguments per item: a settle's fourth is its outcome, a
+        # hold's the limits of its window counters
+        my $settle = @rest >= 4 && $rest[3] =~ /^(commit|release)$/;
         push @calls, { projects => [ map { /\{([^}]*)\}/ ? $1 : '' } @keys ],
-                       items => @rest / $per, kind => $per == 4 ? 'settle' : 'hold' };
+                       items => @rest / 4, kind => $settle ? 'settle' : 'hold' };
     }
     return \@calls;
 }

@@ -92,6 +92,20 @@ is $spent, 1, "embedded feature: the owner's project pays";
 ($r) = charged('POST', '/embed/chatbot', %auth);
 is $r->{status}, 401, 'embedded feature ignores the Authorization header';
 
+# one visitor spends at most 30 credits an hour (the one above counted as
+# the anonymous visitor), another is not held back by the first
+my @st = map { $ngx->request('POST', '/embed/chatbot', body => 'x',
+                   headers => { Cookie => "site_token=$site; vid=v1" })->{status} }
+             1 .. 31;
+is_deeply [ @st[0 .. 29] ], [ (200) x 30 ], 'a visitor: 30 requests pass';
+$r = $ngx->request('POST', '/embed/chatbot', body => 'x',
+                   headers => { Cookie => "site_token=$site; vid=v1" });
+is $r->{status}, 429, '... the next ones get 429';
+like $r->{body}, qr/^\{"error":"visitor_limit_reached","limit":30,"retry_after":\d+\}$/,
+    '... visitor_limit_reached';
+($r) = charged('POST', '/embed/chatbot', Cookie => "site_token=$site; vid=v2");
+is $r->{status}, 200, 'another visitor passes';
+
 # manual work is free: no token, no charge, no ledger entry
 my $entries = @{ ledger($redis, 'site-42') };
 for my $path ('/api/editor/page/1', '/api/uploads/logo.png',
@@ -104,7 +118,7 @@ for my $path ('/api/editor/page/1', '/api/uploads/logo.png',
 is scalar @{ ledger($redis, 'site-42') }, $entries, 'no ledger entries';
 
 like $ngx->get('/credits/status')->{body},
-     qr/^credits_requests_total\{outcome="committed"\} 9$/m,
+     qr/^credits_requests_total\{outcome="committed"\} 40$/m,
      'status counts the commits';
 like CreditsTest::slurp($ngx->dir . '/credits.log'),
      qr/project=site-42 route=chatbot price=1 held=1 charged=1 balance=\d+ outcome=committed hold=[0-9a-f]{32}/,

@@ -6,8 +6,19 @@
 -- script first refunds the project's holds whose time is up, each with an
 -- 'expire' ledger entry, so a hold is refunded once: after that a late
 -- settle finds no member and changes nothing.
+--
+-- A hold counted in window counters (credits_visitor_limit,
+-- credits_budget) names them after its id: "<id>;<ref>;<ref>:<held>:..",
+-- a ref "<kind>,<name>,<period s>,<window start s>[,<visitor hash>]"
+-- naming the key "credits:{P}:<kind>:<name>:<period>:<start>[:<hash>]"
+-- (kind b: the budget, v: a visitor).  The id part keeps no ':', so every
+-- reader of "<id>:<held>:<route>" still finds the amount and the route.
+-- Whatever goes back to the balance goes back to those counters too.
 
 local balance_key, holds_key, ledger_key = KEYS[1], KEYS[2], KEYS[3]
+
+-- "credits:{P}:", the base of the project's other keys
+local base = string.sub(balance_key, 1, -8)
 
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
@@ -26,9 +37,207 @@ local function whole(s)
     return #s <= 15 and string.find(s, '^%d+$') ~= nil
 end
 
--- id, held (as written in the member), route
+-- id, held (as written in the member), route, refs of its counters
 local function parse_hold(member)
-    return string.match(member, '^([^:]+):(%d+):(.*)$')
+    local id, held, route = string.match(member, '^([^:]+):(%d+):(.*)$')
+
+    if id and string.find(id, ';', 1, true) then
+        local rid, refs = string.match(id, '^([^;]*)(.*)$')
+        return rid, held, route, refs
+    end
+
+    return id, held, route, ''
+end
+
+-- A counter of a ref: {key, kind ('b' or 'v'), ref}, false if the ref is
+-- malformed; its name and the end of its window are read only when
+-- needed (counter_name, counter_end).  A batch's holds mostly share a
+-- budget and its limits: each ref and limits argument is read once per
+-- call.
+local seen_refs, seen_lists, seen_limits = {}, {}, {}
+
+local function counter(ref)
+    local c = seen_refs[ref]
+
+    if c == nil then
+        local kind = string.sub(ref, 1, 1)
+
+        c = (kind == 'v' or kind == 'b')
+            and string.find(ref, '^.,[^,]+,%d+,%d+') ~= nil
+            and { base .. string.gsub(ref, ',', ':'), kind, ref }
+            or false
+        seen_refs[ref] = c
+    end
+
+    return c
+end
+
+local function counter_name(c)
+    return string.match(c[3], '^.,([^,]+)')
+end
+
+local function counter_end(c)
+    local period, start = string.match(c[3], '^.,[^,]+,(%d+),(%d+)')
+
+    return (tonumber(start) + tonumber(period)) * 1000
+end
+
+-- the counters of a member's refs, in order; false if one is malformed
+local function counter_list(refs)
+    local list = seen_lists[refs]
+
+    if list == nil then
+        list = {}
+
+        for ref in string.gmatch(refs, ';([^;]+)') do
+            local c = counter(ref)
+
+            if not c then
+                list = false
+                break
+            end
+
+            list[#list + 1] = c
+        end
+
+        seen_lists[refs] = list
+    end
+
+    return list
+end
+
+-- the limits argument "l1,l2" as numbers; false if one is not whole
+local function limit_list(limits)
+    local list = seen_limits[limits]
+
+    if list == nil then
+        list = {}
+
+        for l in string.gmatch(limits, '[^,]+') do
+            if not whole(l) then
+                list = false
+                break
+            end
+
+            list[#list + 1] = tonumber(l)
+        end
+
+        seen_limits[limits] = list
+    end
+
+    return list
+end
+
+-- gives n credits back to the counters of refs that still exist (a
+-- counter gone with its window is not made again)
+local function give_back(refs, n)
+    if refs == '' or n <= 0 then
+        return
+    end
+
+    for _, c in ipairs(counter_list(refs) or {}) do
+        local spent = tonumber(redis.call('GET', c[1]) or '')
+
+        if spent then
+            redis.call('SET', c[1], int(math.max(0, spent - n)), 'KEEPTTL')
+        end
+    end
+end
+
+-- The window counters a member names and their limits (ARGV "l1,l2", in
+-- the order of the refs; nil: not checked): two lists, or nil and what
+-- is wrong.
+local no_counters = {}
+
+local function counters(member, limits)
+    -- most holds count in no window: no parsing for them
+    if (limits == nil or limits == '')
+       and not string.find(member, ';', 1, true) then
+        return no_counters, no_counters
+    end
+
+    local refs = string.match(member, '^[^:;]*(;?[^:]*):%d+:')
+
+    if not refs then
+        return nil, 'a member is not <id>:<held>:<route>'
+    end
+
+    local list = counter_list(refs)
+    local lims = limits and limit_list(limits)
+
+    if not list or (limits and not (lims and #lims == #list)) then
+        return nil, 'counters or their limits are not valid'
+    end
+
+    return list, lims
+end
+
+-- a counter's limit: a budget's is the project's own in
+-- credits:{P}:budgets when that is a whole number
+local budgets = {}
+
+local function limit_of(c, limit)
+    if c[2] ~= 'b' then
+        return limit
+    end
+
+    local own = budgets[c]
+
+    if own == nil then
+        own = redis.call('HGET', base .. 'budgets', counter_name(c))
+        own = own and whole(own) and tonumber(own) or false
+        budgets[c] = own
+    end
+
+    return own or limit
+end
+
+-- what the counters have spent in their windows: read once per call,
+-- written once at its end (tally_write), each expiring a minute after
+-- its window (a give-back later finds it gone and does nothing)
+local tally, tally_ends = {}, {}
+
+local function spent(key)
+    local n = tally[key]
+
+    if n == nil then
+        n = tonumber(redis.call('GET', key) or '0') or 0
+        tally[key] = n
+    end
+
+    return n
+end
+
+-- the first counter that "need" (a function of the counter, or a number)
+-- would take past its limit: code 2 (a visitor) or 3 (the budget), limit
+local function over(list, lims, need)
+    for i, c in ipairs(list) do
+        local n = type(need) == 'number' and need or need(c)
+
+        if n > 0 then
+            local limit = limit_of(c, lims[i])
+
+            if spent(c[1]) + n > limit then
+                return c[2] == 'v' and 2 or 3, limit
+            end
+        end
+    end
+end
+
+local function count(list, n)
+    for _, c in ipairs(list) do
+        local k = type(n) == 'number' and n or n(c)
+
+        tally[c[1]] = math.max(0, spent(c[1]) + k)
+        tally_ends[c[1]] = c
+    end
+end
+
+local function tally_write()
+    for key, c in pairs(tally_ends) do
+        redis.call('SET', key, int(tally[key]), 'PXAT',
+                   int(counter_end(c) + 60000))
+    end
 end
 
 local stale = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
@@ -36,9 +245,10 @@ local stale = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now)
 if #stale > 0 then
     local refund = 0
     for _, member in ipairs(stale) do
-        local id, held, route = parse_hold(member)
+        local id, held, route, refs = parse_hold(member)
         if held then
             refund = refund + tonumber(held)
+            give_back(refs, tonumber(held))
             redis.call('XADD', ledger_key, '*', 'route', route,
                        'held', held, 'charged', '0', 'status', '0',
                        'outcome', 'expire', 'request_id', id, 'ts', now_ms)

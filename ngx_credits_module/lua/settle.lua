@@ -1,6 +1,7 @@
 -- Settles holds of one project: ARGV = member, charged, status, outcome
 -- (commit|release) for each hold.  Each is charged min(charged, held), the
--- rest refunded, and gets its ledger entry.  Returns one integer per hold:
+-- rest refunded (to the balance and to the hold's window counters: they
+-- keep what was charged), and gets its ledger entry.  Returns one integer per hold:
 -- 1, or 0 when the hold is gone (it expired and was refunded, or was
 -- settled already): a settle never charges or refunds twice.
 
@@ -18,7 +19,7 @@ for i = 1, #ARGV, 4 do
         replies[#replies + 1] = 0
 
     else
-        local id, held, route = parse_hold(member)
+        local id, held, route, refs = parse_hold(member)
         local charged = ARGV[i + 1]
 
         -- a whole number from 0 to held, else held
@@ -30,6 +31,7 @@ for i = 1, #ARGV, 4 do
 
             if n < most then
                 redis.call('INCRBY', balance_key, int(most - n))
+                give_back(refs, most - n)
             end
         end
 
