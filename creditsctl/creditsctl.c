@@ -10,6 +10,7 @@
  *   creditsctl [options] ledger P [--last N]
  *   creditsctl [options] holds P
  *   creditsctl [options] audit P [--start N]
+ *   creditsctl [options] archive P --before TIME --out FILE
  *
  * This file: the command line, balances, top-ups and prices.
  */
@@ -56,6 +57,8 @@ static const command_t  commands[] = {
       "list the project's open holds" },
     { "audit", "P [--start N]", cmd_audit,
       "check start + top-ups = balance + charged + open holds" },
+    { "archive", "P --before TIME --out FILE", cmd_archive,
+      "move older ledger entries to FILE, their totals to a checkpoint" },
     { NULL, NULL, NULL, NULL }
 };
 
