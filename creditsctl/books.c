@@ -415,9 +415,9 @@ cmd_audit(options_t *o, int argc, char **argv)
         printf("{\"project\":");
         json_cstring(stdout, p);
         printf(",\"start\":%lld,\"topups\":%lld,\"balance\":%lld,"
-               "\"charged\":%lld,\"held\":%lld,\"difference\":%lld,"
-               "\"archived\":%lld,\"checkpoint\":", start, sums.topups,
-               balance, sums.charged, held, diff, cp.entries);
+               "\"charged\":%lld,\"held\":%lld,\"archived\":%lld,"
+               "\"checkpoint\":", start, sums.topups, balance, sums.charged,
+               held, cp.entries);
 
         if (cp.last[0]) {
             json_cstring(stdout, cp.last);
@@ -425,7 +425,8 @@ cmd_audit(options_t *o, int argc, char **argv)
             fputs("null", stdout);
         }
 
-        printf(",\"ok\":%s}\n", diff ? "false" : "true");
+        printf(",\"difference\":%lld,\"ok\":%s}\n", diff,
+               diff ? "false" : "true");
 
     } else {
         printf("%-10s %12lld\n%-10s %12lld\n%-10s %12lld\n%-10s %12lld\n"
