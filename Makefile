@@ -62,7 +62,8 @@ module: $(NGX_BUILD)/objs/Makefile
 	@$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile modules
 
 CREDITSCTL_SRC := creditsctl/creditsctl.c creditsctl/redis.c \
-                  creditsctl/books.c creditsctl/json.c creditsctl/limits.c
+                  creditsctl/books.c creditsctl/archive.c creditsctl/json.c \
+                  creditsctl/limits.c
 
 $(CREDITSCTL): $(CREDITSCTL_SRC) creditsctl/creditsctl.h | deps
 	@mkdir -p $(BUILD)

@@ -21,22 +21,18 @@ typedef struct {
 } hold_t;
 
 
-typedef struct {
-    long long    charged;
-    long long    topups;
-} audit_sums_t;
-
-
 /*
- * Balance, open holds and the newest ledger id at one instant: its time
- * grows with the open holds only.  Every entry up to that id is final, so
- * the ledger is then summed outside the script, and entries appended
- * after the snapshot (whose holds or balance it does not show) are not.
+ * Balance, open holds, the newest ledger id and the archive's checkpoint
+ * at one instant: its time grows with the open holds only.  Every entry
+ * up to that id is final, so the ledger is then summed outside the
+ * script, from the checkpoint's last id on; entries appended after the
+ * snapshot (whose holds or balance it does not show) are not.
  */
 static const char  audit_snapshot_lua[] =
     "local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)\n"
     "return {redis.call('GET', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1),"
-    " last[1] and last[1][1] or false}\n";
+    " last[1] and last[1][1] or false,"
+    " redis.call('HMGET', KEYS[4], " CHECKPOINT_FIELDS ")}\n";
 
 
 static const char  *ledger_fields[] = {
@@ -252,11 +248,11 @@ cmd_holds(options_t *o, int argc, char **argv)
 }
 
 
-static void
-add(long long *sum, long long n)
+void
+sum_add(long long *sum, long long n)
 {
     if (__builtin_add_overflow(*sum, n, sum)) {
-        die(EXIT_REDIS, "the audit's sums overflow");
+        die(EXIT_REDIS, "the books' sums overflow");
     }
 }
 
@@ -287,20 +283,22 @@ entry_number(redisReply *e, const char *name)
 }
 
 
-static void
-audit_entry(options_t *o, redisReply *e, void *data)
+/* an entry's part of the books: a top-up's amount, or what was charged */
+
+void
+ledger_sum_entry(options_t *o, redisReply *e, void *data)
 {
     redisReply    *outcome;
-    audit_sums_t  *s = data;
+    ledger_sums_t  *s = data;
 
     (void) o;
     outcome = ledger_field(e, "outcome");
 
     if (outcome && strcmp(outcome->str, "topup") == 0 && outcome->len == 5) {
-        add(&s->topups, entry_number(e, "amount"));
+        sum_add(&s->topups, entry_number(e, "amount"));
 
     } else {
-        add(&s->charged, entry_number(e, "charged"));
+        sum_add(&s->charged, entry_number(e, "charged"));
     }
 }
 
@@ -318,7 +316,7 @@ held_sum(redisReply *holds)
 
     for (i = 0; i < holds->elements; i++) {
         if (parse_hold(holds->element[i], &h) == 0) {
-            add(&held, h.held);
+            sum_add(&held, h.held);
             continue;
         }
 
@@ -331,27 +329,29 @@ held_sum(redisReply *holds)
 }
 
 
-int
-cmd_audit(options_t *o, int argc, char **argv)
+/*
+ * The books at one snapshot: the checkpoint's totals plus the entries
+ * after its last id, up to the snapshot's.  0 when an archive moved the
+ * checkpoint meanwhile: the entries it removed may have been missed.
+ */
+
+static int
+audit_read(options_t *o, const char *p, long long *balance, long long *held,
+    ledger_sums_t *sums, checkpoint_t *cp)
 {
-    char           last[LEDGER_ID_MAX];
-    long long      start, balance, held, in, out, diff;
-    const char    *p, *ledger;
-    redisReply    *r;
-    audit_sums_t   sums;
+    int           moved;
+    char          last[LEDGER_ID_MAX], from[LEDGER_ID_MAX], ledger[512];
+    redisReply   *r;
+    checkpoint_t  now;
 
-    if (argc != 1 && !(argc == 3 && strcmp(argv[1], "--start") == 0)) {
-        die(EXIT_USAGE, "usage: creditsctl audit P [--start N]");
-    }
+    /* key() keeps only its last four answers */
+    snprintf(ledger, sizeof(ledger), "%s", key(o, p, "ledger"));
 
-    p = check_project(argv[0]);
-    start = (argc == 3) ? parse_number(argv[2], 0, "start") : 0;
-    ledger = key(o, p, "ledger");
+    r = run(o, "EVAL %s 4 %s %s %s %s", audit_snapshot_lua,
+            key(o, p, "balance"), key(o, p, "holds"), ledger,
+            key(o, p, "checkpoint"));
 
-    r = run(o, "EVAL %s 3 %s %s %s", audit_snapshot_lua, key(o, p, "balance"),
-            key(o, p, "holds"), ledger);
-
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4
         || (r->element[2]->type != REDIS_REPLY_NIL
             && (r->element[2]->type != REDIS_REPLY_STRING
                 || r->element[2]->len >= LEDGER_ID_MAX - 1)))
@@ -359,25 +359,59 @@ cmd_audit(options_t *o, int argc, char **argv)
         die(EXIT_REDIS, "unexpected reply to the audit's snapshot");
     }
 
-    balance = stored_number(r->element[0], key(o, p, "balance"));
+    *balance = stored_number(r->element[0], key(o, p, "balance"));
     check_strings(r->element[1], "the audit's snapshot");
-    held = held_sum(r->element[1]);
+    *held = held_sum(r->element[1]);
+    checkpoint_parse(o, r->element[3], p, cp);
 
-    sums.charged = 0;
-    sums.topups = 0;
+    sums->charged = cp->charged;
+    sums->topups = cp->topups;
 
     if (r->element[2]->type == REDIS_REPLY_STRING) {
         memcpy(last, r->element[2]->str, r->element[2]->len + 1);
-        ledger_read(o, ledger, "-", last, audit_entry, &sums);
+
+        /* what the checkpoint counts is never counted again */
+        checkpoint_after(cp, from);
+        ledger_read(o, ledger, from, last, ledger_sum_entry, sums);
     }
 
     freeReplyObject(r);
 
+    checkpoint_read(o, p, &now);
+    moved = strcmp(now.last, cp->last) != 0;
+
+    return !moved;
+}
+
+
+int
+cmd_audit(options_t *o, int argc, char **argv)
+{
+    int            tries;
+    long long      start, balance, held, in, out, diff;
+    const char    *p;
+    ledger_sums_t   sums;
+    checkpoint_t   cp;
+
+    if (argc != 1 && !(argc == 3 && strcmp(argv[1], "--start") == 0)) {
+        die(EXIT_USAGE, "usage: creditsctl audit P [--start N]");
+    }
+
+    p = check_project(argv[0]);
+    start = (argc == 3) ? parse_number(argv[2], 0, "start") : 0;
+
+    for (tries = 0; !audit_read(o, p, &balance, &held, &sums, &cp); tries++) {
+        if (tries == 4) {
+            die(EXIT_REDIS, "the ledger of %s was archived during each of 5 "
+                "audits: run the audit after the archive", p);
+        }
+    }
+
     in = start;
-    add(&in, sums.topups);
+    sum_add(&in, sums.topups);
     out = balance;
-    add(&out, sums.charged);
-    add(&out, held);
+    sum_add(&out, sums.charged);
+    sum_add(&out, held);
 
     if (__builtin_sub_overflow(in, out, &diff)) {
         die(EXIT_REDIS, "the audit's difference overflows");
@@ -387,15 +421,30 @@ cmd_audit(options_t *o, int argc, char **argv)
         printf("{\"project\":");
         json_cstring(stdout, p);
         printf(",\"start\":%lld,\"topups\":%lld,\"balance\":%lld,"
-               "\"charged\":%lld,\"held\":%lld,\"difference\":%lld,"
-               "\"ok\":%s}\n", start, sums.topups, balance, sums.charged,
-               held, diff, diff ? "false" : "true");
+               "\"charged\":%lld,\"held\":%lld,\"archived\":%lld,"
+               "\"checkpoint\":", start, sums.topups, balance, sums.charged,
+               held, cp.entries);
+
+        if (cp.last[0]) {
+            json_cstring(stdout, cp.last);
+        } else {
+            fputs("null", stdout);
+        }
+
+        printf(",\"difference\":%lld,\"ok\":%s}\n", diff,
+               diff ? "false" : "true");
 
     } else {
         printf("%-10s %12lld\n%-10s %12lld\n%-10s %12lld\n%-10s %12lld\n"
                "%-10s %12lld\n%-10s %12lld\n",
                "start", start, "topups", sums.topups, "balance", balance,
                "charged", sums.charged, "held", held, "difference", diff);
+
+        if (cp.last[0]) {
+            printf("%-10s %12lld entries up to %s\n", "archived", cp.entries,
+                   cp.last);
+        }
+
         printf("%s\n", diff ? "MISMATCH: start + topups != balance + charged"
                               " + held"
                             : "ok");

@@ -12,6 +12,7 @@
  *   creditsctl [options] audit P [--start N]
  *   creditsctl [options] budget P [NAME [N | --unset]]
  *   creditsctl [options] visitors P NAME [--top N]
+ *   creditsctl [options] archive P --before TIME --out FILE
  *
  * This file: the command line, balances, top-ups and prices.
  */
@@ -62,6 +63,8 @@ static const command_t  commands[] = {
       "show, set or remove the project's own budgets (0 = off)" },
     { "visitors", "P NAME [--top N]", cmd_visitors,
       "spend per hashed visitor in the current window" },
+    { "archive", "P --before TIME --out FILE", cmd_archive,
+      "move older ledger entries to FILE, their totals to a checkpoint" },
     { NULL, NULL, NULL, NULL }
 };
 
@@ -112,11 +115,17 @@ usage(FILE *out)
         "A stored value the gateway ignores (a price that is not 1 to 15\n"
         "digits, a hold member that is not <id>:<held>:<route>) is listed as\n"
         "{\"invalid\":\"<stored bytes>\"} in --json, marked in text.\n"
+        "\narchive: the entries Redis wrote before TIME (a ledger id, ms\n"
+        "since the epoch, or a UTC date YYYY-MM-DD[THH:MM:SSZ]) are appended\n"
+        "to FILE (JSON lines, fsync'd), then removed page by page while their\n"
+        "totals go to credits:{P}:checkpoint, which audit counts.  Run it\n"
+        "again with the same FILE after a failure.\n"
         "\nexit status:\n"
         "  0  ok\n"
         "  1  the audit found a difference\n"
         "  2  usage error\n"
-        "  3  Redis unreachable or failed, or data in it unusable\n");
+        "  3  Redis unreachable or failed, data in it unusable, or FILE not\n"
+        "     written\n");
 }
 
 

@@ -33,6 +33,25 @@ typedef struct {
 } options_t;
 
 
+/* what the audit adds up from the ledger */
+typedef struct {
+    long long      charged;
+    long long      topups;
+} ledger_sums_t;
+
+
+/* credits:{P}:checkpoint: the totals of the entries archived so far */
+typedef struct {
+    long long      charged;
+    long long      topups;
+    long long      entries;
+    char           last[LEDGER_ID_MAX];    /* "": nothing archived */
+} checkpoint_t;
+
+/* the checkpoint hash's fields, in the order HMGET asks for them */
+#define CHECKPOINT_FIELDS  "'charged', 'topups', 'entries', 'last_id'"
+
+
 typedef void (*ledger_entry_pt)(options_t *o, redisReply *entry, void *data);
 
 
@@ -47,14 +66,25 @@ long long price_value(const char *s, size_t len);
 /* redis.c */
 char *key(options_t *o, const char *project, const char *suffix);
 redisReply *run(options_t *o, const char *fmt, ...);
+redisReply *run_argv(options_t *o, int argc, const char **argv,
+    const size_t *lens);
 long long stored_number(redisReply *r, const char *what);
 void check_strings(redisReply *r, const char *what);
 int ledger_last_id(options_t *o, const char *ledger, char *id);
 void ledger_from_last(options_t *o, const char *ledger, const char *to,
     long long n, char *from);
+redisReply *ledger_page(options_t *o, const char *ledger, char *start,
+    const char *to);
 void ledger_read(options_t *o, const char *ledger, const char *from,
     const char *to, ledger_entry_pt handler, void *data);
 redisReply *ledger_field(redisReply *entry, const char *name);
+
+/* archive.c: older ledger entries to a file, their totals to a checkpoint */
+int cmd_archive(options_t *o, int argc, char **argv);
+void checkpoint_parse(options_t *o, redisReply *r, const char *project,
+    checkpoint_t *cp);
+void checkpoint_read(options_t *o, const char *project, checkpoint_t *cp);
+void checkpoint_after(const checkpoint_t *cp, char *start);
 
 /* json.c */
 void json_string(FILE *f, const char *s, size_t len);
@@ -64,6 +94,8 @@ void json_cstring(FILE *f, const char *s);
 int cmd_ledger(options_t *o, int argc, char **argv);
 int cmd_holds(options_t *o, int argc, char **argv);
 int cmd_audit(options_t *o, int argc, char **argv);
+void sum_add(long long *sum, long long n);
+void ledger_sum_entry(options_t *o, redisReply *e, void *data);
 
 /* limits.c: budgets and visitors of embedded features */
 int cmd_budget(options_t *o, int argc, char **argv);

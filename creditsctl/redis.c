@@ -116,19 +116,16 @@ redirected(options_t *o, redisReply *r, int *asking)
 }
 
 
-/* every command's reply goes through here: errors end the program */
+/*
+ * Every command's reply goes through here: errors end the program.  The
+ * command is formatted once, so a redirected one goes out byte for byte.
+ */
 
-redisReply *
-run(options_t *o, const char *fmt, ...)
+static redisReply *
+run_formatted(options_t *o, char *cmd, int len)
 {
-    int          len, hops, asking;
-    char        *cmd;
-    va_list      ap;
+    int          hops, asking;
     redisReply  *r;
-
-    va_start(ap, fmt);
-    len = redisvFormatCommand(&cmd, fmt, ap);
-    va_end(ap);
 
     if (len < 0) {
         die(EXIT_REDIS, "out of memory");
@@ -171,6 +168,35 @@ run(options_t *o, const char *fmt, ...)
     }
 
     return r;
+}
+
+
+redisReply *
+run(options_t *o, const char *fmt, ...)
+{
+    int       len;
+    char     *cmd;
+    va_list   ap;
+
+    va_start(ap, fmt);
+    len = redisvFormatCommand(&cmd, fmt, ap);
+    va_end(ap);
+
+    return run_formatted(o, cmd, len);
+}
+
+
+/* a command of many arguments (an XDEL of a page's ids) */
+
+redisReply *
+run_argv(options_t *o, int argc, const char **argv, const size_t *lens)
+{
+    int    len;
+    char  *cmd;
+
+    len = redisFormatCommandArgv(&cmd, argc, argv, lens);
+
+    return run_formatted(o, cmd, len);
 }
 
 
@@ -319,9 +345,41 @@ ledger_from_last(options_t *o, const char *ledger, const char *to,
 
 
 /*
- * Calls handler for each entry from "from" to "to" (ids, both included;
- * "-" and "+" for the ends), oldest first.  Each XRANGE reads one page,
- * so Redis is never busy with the ledger for more than a page's time.
+ * One page of at most LEDGER_PAGE entries from start to "to", oldest
+ * first, each checked; start (LEDGER_ID_MAX bytes) then excludes them,
+ * so the next call reads the next page.  A page shorter than LEDGER_PAGE
+ * is the last one.  Each XRANGE reads one page, so Redis is never busy
+ * with the ledger for more than a page's time.
+ */
+
+redisReply *
+ledger_page(options_t *o, const char *ledger, char *start, const char *to)
+{
+    size_t       i;
+    redisReply  *r;
+
+    r = run(o, "XRANGE %s %s %s COUNT %d", ledger, start, to, LEDGER_PAGE);
+
+    if (r->type != REDIS_REPLY_ARRAY) {
+        die(EXIT_REDIS, "unexpected reply to XRANGE");
+    }
+
+    for (i = 0; i < r->elements; i++) {
+        check_entry(r->element[i]);
+    }
+
+    if (r->elements) {
+        snprintf(start, LEDGER_ID_MAX, "(%s",
+                 r->element[r->elements - 1]->element[0]->str);
+    }
+
+    return r;
+}
+
+
+/*
+ * Calls handler for each entry from "from" to "to" (ids, both included,
+ * or "(id" for an excluded one; "-" and "+" for the ends), oldest first.
  */
 
 void
@@ -330,33 +388,22 @@ ledger_read(options_t *o, const char *ledger, const char *from,
 {
     char         start[LEDGER_ID_MAX];
     size_t       i, n;
-    redisReply  *r, *last;
+    redisReply  *r;
 
     snprintf(start, sizeof(start), "%s", from);
 
     do {
-        r = run(o, "XRANGE %s %s %s COUNT %d", ledger, start, to,
-                LEDGER_PAGE);
-
-        if (r->type != REDIS_REPLY_ARRAY) {
-            die(EXIT_REDIS, "unexpected reply to XRANGE");
-        }
+        r = ledger_page(o, ledger, start, to);
 
         for (i = 0; i < r->elements; i++) {
-            check_entry(r->element[i]);
             handler(o, r->element[i], data);
         }
 
         n = r->elements;
 
-        if (n == LEDGER_PAGE) {
-            last = r->element[n - 1]->element[0];
-
-            if (strcmp(last->str, to) == 0) {
-                n = 0;
-            }
-
-            snprintf(start, sizeof(start), "(%s", last->str);
+        /* the last entry wanted: no need for an empty page after it */
+        if (n && strcmp(start + 1, to) == 0) {
+            n = 0;
         }
 
         freeReplyObject(r);

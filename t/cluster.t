@@ -154,6 +154,15 @@ is balance($pc), 128, 'the top-up landed on the owner';
 is_deeply [$rc, $ctl_out], [0, "128\n"], 'creditsctl balance through a replica';
 ($rc, $ctl_out) = ctl($masters[1], 'audit', $pc, '--start', 50);
 is $rc, 0, 'creditsctl audit on the cluster: the books balance' or diag $ctl_out;
+my @before_archive = @{ ledger($cluster, $pc) };
+($rc, $ctl_out) = ctl($masters[0], 'archive', $pc, '--before', '2999-01-01',
+                      '--out', "$dir/archive.jsonl");
+is $rc, 0, 'creditsctl archive through a node that does not own the project' or diag $ctl_out;
+my @archived = map { /"id":"([^"]+)"/ } split /\n/, slurp("$dir/archive.jsonl");
+is_deeply \@archived, [map { $_->{id} } @before_archive], '... the file holds its ledger';
+is $cluster->cmd('XLEN', "credits:{$pc}:ledger"), 0, '... the ledger on the owner is empty';
+($rc, $ctl_out) = ctl($masters[1], 'audit', $pc, '--start', 50);
+is $rc, 0, 'creditsctl audit on the cluster from the checkpoint' or diag $ctl_out;
 ($rc) = ctl($masters[0], 'price', 'other', 9);
 is $rc, 0, 'creditsctl price on the cluster';
 is $cluster->cmd('HGET', 'credits:prices', 'other'), 9, 'the price is on the owner';

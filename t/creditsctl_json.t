@@ -245,7 +245,7 @@ for my $bad (['nope'], [], ['balance'], ['balance', 'a:b'], ['topup', 'b1', 0],
 
 ($rc, $out) = ctl('--help');
 is $rc, 0, '--help: exit 0';
-like $out, qr/^exit status:\n  0  ok\n  1  the audit found a difference\n  2  usage error\n  3  Redis unreachable or failed, or data in it unusable\n/m,
+like $out, qr/^exit status:\n  0  ok\n  1  the audit found a difference\n  2  usage error\n  3  Redis unreachable or failed, data in it unusable, or FILE not\n     written\n/m,
     '--help documents the exit status';
 like $out, qr/\{"invalid":"<stored bytes>"\}/, '--help documents the invalid marker';
 
