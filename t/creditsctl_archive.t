@@ -39,7 +39,7 @@ sub traffic {
     for (1 .. $n) {
         $req++;
         my $m = "r$req:5:gen";
-        $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, $m, 5, 600000);
+        $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, $m, 5, 600000, '');
         next if $req % 97 == 0;                     # left open
         $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, $m, $req % 6,
                     $req % 11 ? 200 : 502, $req % 11 ? 'commit' : 'release');
