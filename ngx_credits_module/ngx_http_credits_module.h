@@ -270,6 +270,22 @@ typedef struct {
 extern ngx_module_t  ngx_http_credits_module;
 
 
+/* configuration */
+void *ngx_http_credits_create_main_conf(ngx_conf_t *cf);
+char *ngx_http_credits_init_main_conf(ngx_conf_t *cf, void *conf);
+void *ngx_http_credits_create_loc_conf(ngx_conf_t *cf);
+char *ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+char *ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_credits_price_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_credits_step_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_credits_key_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_credits_algorithms(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
 /* access phase: the gate, its answers, the request's context */
 ngx_int_t ngx_http_credits_access_init(ngx_conf_t *cf);
 ngx_http_credits_ctx_t *ngx_http_credits_get_ctx(ngx_http_request_t *r);
