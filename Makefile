@@ -80,7 +80,7 @@ module-asan:
 	    EXTRA_LD_OPT="-fsanitize=address,undefined" module
 
 test-asan: module-asan $(CREDITSCTL)
-	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
+	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS) && chmod 1777 $(ASAN_LOGS)
 	CREDITS_MODULE=$(CURDIR)/$(ASAN_BUILD)/objs/ngx_http_credits_module.so \
 	NGINX_BIN=$(NGINX_BIN) CREDITSCTL=$(CURDIR)/$(CREDITSCTL) \
 	CREDITS_NGINX_PRELOAD=$$(gcc -print-file-name=libasan.so) \

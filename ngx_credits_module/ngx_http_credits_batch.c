@@ -173,7 +173,11 @@ ngx_http_credits_batch_copy_strs(ngx_str_t *dst, ngx_str_t *src,
     for (i = 0; i < n; i++) {
         dst[i].data = p;
         dst[i].len = src[i].len;
-        p = ngx_cpymem(p, src[i].data, src[i].len);
+
+        /* an empty argument (a hold's limits, say) may have no data */
+        if (src[i].len) {
+            p = ngx_cpymem(p, src[i].data, src[i].len);
+        }
     }
 }
 

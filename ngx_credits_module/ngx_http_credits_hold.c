@@ -298,7 +298,12 @@ ngx_http_credits_member(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 
     member->data = p;
     p = ngx_cpymem(p, ctx->hold_id.data, ctx->hold_id.len);
-    p = ngx_cpymem(p, ctx->refs.data, ctx->refs.len);
+
+    if (ctx->refs.len) {
+        /* the window counters the hold is in, when it is in any */
+        p = ngx_cpymem(p, ctx->refs.data, ctx->refs.len);
+    }
+
     *p++ = ':';
     p = ngx_http_credits_write_int(p, amount);
     *p++ = ':';
