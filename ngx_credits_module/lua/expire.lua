@@ -32,6 +32,19 @@ end
 
 local now_ms = int(now)
 
+-- the project's balance (a missing key is 0), or nil and the error reply
+-- a script answers when it is not a whole number (hold and move read it)
+local function whole_balance()
+    local balance = tonumber(redis.call('GET', balance_key) or '0')
+
+    if balance == nil or balance % 1 ~= 0 then
+        return nil, redis.error_reply('balance of ' .. balance_key
+                                      .. ' is not a whole number')
+    end
+
+    return balance
+end
+
 -- a whole number that a Lua number (a double) holds exactly
 local function whole(s)
     return #s <= 15 and string.find(s, '^%d+$') ~= nil

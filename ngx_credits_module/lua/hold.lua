@@ -36,11 +36,10 @@ for i = 1, #ARGV, 4 do
     lists[i], limits[i] = list, lims
 end
 
-local balance = tonumber(redis.call('GET', balance_key) or '0')
+local balance, balance_error = whole_balance()
 
-if balance == nil or balance % 1 ~= 0 then
-    return redis.error_reply('balance of ' .. balance_key
-                             .. ' is not a whole number')
+if not balance then
+    return balance_error
 end
 
 local replies, debit = {}, 0
