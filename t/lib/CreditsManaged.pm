@@ -183,7 +183,8 @@ sub books_exact {
     Test::More::is_deeply([ map { $_->{hold} } @uncharged ], [],
                           "$name: every 200 committed once at $price")
         or Test::More::diag(Test::More::explain(
-               [ map { [ $_, $entries{$_->{hold}} ] } @uncharged[0 .. 4] ]));
+               [ map { [ $_, $entries{$_->{hold}} ] } grep { defined }
+                     @uncharged[0 .. 4] ]));
     Test::More::is_deeply([ map { $_->{hold} } @charged_503 ], [],
                           "$name: no other answer charged");
 
@@ -242,15 +243,15 @@ sub replicated_pair {
     my @port = $o{port} ? (port => $o{port}) : ();
     # a full sync starts at once, not after diskless sync's 5 s wait
     my @args = ('--repl-diskless-sync-delay', 0, @{ $o{args} || [] });
-    my $a = CreditsTest::Redis->start(host => $hosts[0], @port,
-                                      args => \@args);
-    my $b = CreditsTest::Redis->start(host => $hosts[1], @port,
-                                      args => \@args);
-    $b->cmd('REPLICAOF', $a->host, $a->port);
+    my $master = CreditsTest::Redis->start(host => $hosts[0], @port,
+                                           args => \@args);
+    my $replica = CreditsTest::Redis->start(host => $hosts[1], @port,
+                                            args => \@args);
+    $replica->cmd('REPLICAOF', $master->host, $master->port);
     CreditsTest::wait_for(sub {
-        (info_field($b, 'master_link_status') // '') eq 'up';
+        (info_field($replica, 'master_link_status') // '') eq 'up';
     }, 10) or die "the replica did not sync";
-    return ($a, $b);
+    return ($master, $replica);
 }
 
 # a port free on every one of @hosts (both roles of a name on one port)

@@ -1,0 +1,78 @@
+# A name that moves: credits_redis redis.test:P with nginx's resolver
+# pointed at the test's DNS server (TTL 1).  Two redis-servers on one
+# port of two loopback addresses, B replicating A; under steady traffic
+# their roles swap (B REPLICAOF NO ONE, A REPLICAOF B: A answers READONLY
+# from then on) and the name moves to B.  Charging comes back within 5 s
+# without a reload, and the books are exact request by request.
+use strict;
+use warnings;
+use Test::More;
+use Time::HiRes qw(sleep time);
+use lib 't/lib';
+use CreditsTest;
+use CreditsManaged;
+
+my $dir = test_dir();
+my $secret = 'names-secret-0123456789abcdef';
+write_file('hs.key', $secret);
+
+my $port = CreditsManaged::port_free_on('127.0.0.2', '127.0.0.3');
+my ($ra, $rb) = CreditsManaged::replicated_pair(
+    hosts => [ '127.0.0.2', '127.0.0.3' ], port => $port);
+my $dns = CreditsManaged::DNS->start('redis.test' => '127.0.0.2');
+my $up = CreditsTest::Upstream->start;
+
+my $ngx = CreditsTest::Nginx->new(upstream => $up, workers => 2,
+    vars => { DIR => $dir, DNS => $dns->addr, RPORT => $port },
+    http => <<'END')->start;
+    resolver %%DNS%% valid=1s ipv6=off;
+    resolver_timeout 1s;
+    credits_redis redis.test:%%RPORT%% timeout=500ms;
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%% backlog=512;
+        add_header X-Hold $credits_hold_id always;
+        location /ai {
+            credits on;
+            credits_price 2;
+            credits_route ai;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+    }
+END
+
+my $token = jwt_hs('HS256', $secret, { sub => 'names', exp => time + 600 });
+my $start = 1_000_000;
+$ra->cmd('SET', 'credits:{names}:balance', $start);
+
+my $r = $ngx->get('/ai', Authorization => "Bearer $token");
+is $r->{status}, 200, 'charged through the name';
+ok $dns->queries('redis.test') > 0, 'the name was asked of the resolver';
+ok wait_for(sub { $ra->cmd('XLEN', 'credits:{names}:ledger') == 1 }, 5),
+    'on A, the address the name gave';
+my @workers = sort $ngx->workers;
+my $master = $ngx->pid;
+
+my $load = traffic($ngx, token => $token, clients => 3, seconds => 8);
+sleep 2;
+my $asked = $dns->queries('redis.test');
+my $t0 = CreditsManaged::switch_over($ra, $rb,
+    promote => sub { $rb->cmd('REPLICAOF', 'NO', 'ONE') },
+    moved => sub { $dns->set('redis.test' => '127.0.0.3') });
+is CreditsManaged::role($ra), 'slave', 'A is a replica now';
+my $reqs = $load->finish;
+unshift @$reqs, { status => 200, hold => $r->{headers}{'x-hold'},
+                  start => 0, end => 0 };
+
+ok recovered($reqs, $t0, 5), 'charging is back within 5 s of the switch';
+ok $dns->queries('redis.test') > $asked, 'the name was resolved again';
+is_deeply [ sort $ngx->workers ], \@workers, 'the same workers: no reload';
+is $ngx->pid, $master, 'the same master';
+my $on_b = grep { $_->{status} == 200 && $_->{start} > $t0 + 5 } @$reqs;
+ok $on_b > 0, "$on_b requests charged on B after the switch";
+
+books_exact('after the switch', $rb, 'names', $reqs, price => 2,
+            start => $start);
+unlike $ngx->error_log, qr/\[alert\]|exited on signal/, 'no worker crashed';
+
+done_testing;
