@@ -62,13 +62,14 @@ module: $(NGX_BUILD)/objs/Makefile
 	@$(MAKE) -s -C $(NGX_BUILD) -f objs/Makefile modules
 
 CREDITSCTL_SRC := creditsctl/creditsctl.c creditsctl/redis.c \
-                  creditsctl/books.c creditsctl/archive.c creditsctl/json.c \
-                  creditsctl/limits.c
+                  creditsctl/transport.c creditsctl/books.c \
+                  creditsctl/archive.c creditsctl/json.c creditsctl/limits.c
 
 $(CREDITSCTL): $(CREDITSCTL_SRC) creditsctl/creditsctl.h | deps
 	@mkdir -p $(BUILD)
 	$(CC) -std=c99 -D_DEFAULT_SOURCE -O2 -g -Wall -Wextra -Werror \
-	    $(EXTRA_CC_OPT) -o $@ $(CREDITSCTL_SRC) -lhiredis $(EXTRA_LD_OPT)
+	    $(EXTRA_CC_OPT) -o $@ $(CREDITSCTL_SRC) -lhiredis -lssl -lcrypto \
+	    $(EXTRA_LD_OPT)
 
 test: module $(CREDITSCTL)
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) \

@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include "creditsctl.h"
@@ -100,11 +101,24 @@ usage(FILE *out)
     const command_t  *c;
 
     fprintf(out,
-        "usage: creditsctl [--redis ADDR] [--password S] [--db N] "
-        "[--prefix S] [--json] COMMAND ARGS\n\n"
-        "  --redis ADDR   host:port or unix:/path (default 127.0.0.1:6379)\n"
-        "  --prefix S     key prefix (default credits:)\n"
-        "  --json         one JSON document on stdout\n\ncommands:\n");
+        "usage: creditsctl [OPTIONS] COMMAND ARGS\n\n"
+        "  --redis ADDR      host:port or unix:/path (default 127.0.0.1:6379);\n"
+        "                    with --sentinel, a sentinel's\n"
+        "  --user NAME       ACL user (AUTH NAME S; needs --password)\n"
+        "  --password S      AUTH with this password\n"
+        "  --db N            SELECT this database\n"
+        "  --prefix S        key prefix (default credits:)\n"
+        "  --json            one JSON document on stdout\n"
+        "  --tls             TLS to Redis (and to the sentinel)\n"
+        "  --cacert FILE     verify the server's certificate against these CAs\n"
+        "                    (without it: no verification)\n"
+        "  --cert FILE       client certificate, with --key FILE\n"
+        "  --key FILE        its private key\n"
+        "  --sni NAME        name sent (SNI) and verified (default: the host)\n"
+        "  --sentinel NAME   ask the sentinel at --redis for NAME's master\n"
+        "  --sentinel-user NAME\n"
+        "  --sentinel-password S\n"
+        "                    AUTH to the sentinel\n\ncommands:\n");
 
     for (c = commands; c->name; c++) {
         fprintf(out, "  %-8s %-20s %s\n", c->name, c->args, c->help);
@@ -405,6 +419,122 @@ cmd_prices(options_t *o, int argc, char **argv)
 }
 
 
+/* the options that take a value, and where it goes */
+
+static const char **
+option_value(options_t *o, const char *name)
+{
+    static const struct {
+        const char  *name;
+        size_t       offset;
+    }  values[] = {
+        { "--redis", offsetof(options_t, redis) },
+        { "--user", offsetof(options_t, user) },
+        { "--password", offsetof(options_t, password) },
+        { "--prefix", offsetof(options_t, prefix) },
+        { "--cacert", offsetof(options_t, cacert) },
+        { "--cert", offsetof(options_t, cert) },
+        { "--key", offsetof(options_t, key) },
+        { "--sni", offsetof(options_t, sni) },
+        { "--sentinel", offsetof(options_t, sentinel) },
+        { "--sentinel-user", offsetof(options_t, sentinel_user) },
+        { "--sentinel-password", offsetof(options_t, sentinel_password) },
+        { NULL, 0 }
+    };
+
+    int  i;
+
+    for (i = 0; values[i].name; i++) {
+        if (strcmp(values[i].name, name) == 0) {
+            return (const char **) ((char *) o + values[i].offset);
+        }
+    }
+
+    return NULL;
+}
+
+
+/* an option that means nothing without another is a usage error */
+
+static void
+check_options(options_t *o)
+{
+    if (!o->tls && (o->cacert || o->cert || o->key || o->sni)) {
+        die(EXIT_USAGE, "--cacert, --cert, --key and --sni need --tls");
+    }
+
+    if (o->tls && strncmp(o->redis, "unix:", 5) == 0) {
+        die(EXIT_USAGE, "--tls needs a host:port address: Redis has no TLS "
+            "on unix sockets");
+    }
+
+    if ((o->cert == NULL) != (o->key == NULL)) {
+        die(EXIT_USAGE, "--cert and --key go together");
+    }
+
+    if (o->user && o->password == NULL) {
+        die(EXIT_USAGE, "--user needs --password");
+    }
+
+    if (o->sentinel == NULL && (o->sentinel_user || o->sentinel_password)) {
+        die(EXIT_USAGE, "--sentinel-user and --sentinel-password need "
+            "--sentinel");
+    }
+
+    if (o->sentinel_user && o->sentinel_password == NULL) {
+        die(EXIT_USAGE, "--sentinel-user needs --sentinel-password");
+    }
+}
+
+
+/* the options before the command: the index of the command */
+
+static int
+parse_options(options_t *o, int argc, char **argv)
+{
+    int           i;
+    const char  **v;
+
+    for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+
+        if (strcmp(argv[i], "--json") == 0) {
+            o->json = 1;
+            continue;
+        }
+
+        if (strcmp(argv[i], "--tls") == 0) {
+            o->tls = 1;
+            continue;
+        }
+
+        if (i + 1 >= argc) {
+            die(EXIT_USAGE, "option %s needs a value", argv[i]);
+        }
+
+        if (strcmp(argv[i], "--db") == 0) {
+            o->db = (long) parse_number(argv[++i], 0, "db");
+            continue;
+        }
+
+        v = option_value(o, argv[i]);
+        if (v == NULL) {
+            die(EXIT_USAGE, "unknown option %s (see --help)", argv[i]);
+        }
+
+        *v = argv[++i];
+    }
+
+    check_options(o);
+
+    return i;
+}
+
+
 int
 main(int argc, char **argv)
 {
@@ -416,38 +546,7 @@ main(int argc, char **argv)
     o.redis = "127.0.0.1:6379";
     o.prefix = "credits:";
 
-    for (i = 1; i < argc && argv[i][0] == '-'; i++) {
-
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            usage(stdout);
-            return 0;
-        }
-
-        if (strcmp(argv[i], "--json") == 0) {
-            o.json = 1;
-            continue;
-        }
-
-        if (i + 1 >= argc) {
-            die(EXIT_USAGE, "option %s needs a value", argv[i]);
-        }
-
-        if (strcmp(argv[i], "--redis") == 0) {
-            o.redis = argv[++i];
-
-        } else if (strcmp(argv[i], "--password") == 0) {
-            o.password = argv[++i];
-
-        } else if (strcmp(argv[i], "--db") == 0) {
-            o.db = (long) parse_number(argv[++i], 0, "db");
-
-        } else if (strcmp(argv[i], "--prefix") == 0) {
-            o.prefix = argv[++i];
-
-        } else {
-            die(EXIT_USAGE, "unknown option %s (see --help)", argv[i]);
-        }
-    }
+    i = parse_options(&o, argc, argv);
 
     if (i >= argc) {
         usage(stderr);

@@ -23,13 +23,29 @@
 #define LEDGER_ID_MAX  48
 
 
+typedef struct conn_s  conn_t;
+
+
 typedef struct {
-    const char    *redis;
+    const char    *redis;              /* --redis: a node or a sentinel */
+    const char    *user;
     const char    *password;
     long           db;
     const char    *prefix;
     int            json;
-    redisContext  *ctx;
+
+    int            tls;
+    const char    *cacert;
+    const char    *cert;
+    const char    *key;
+    const char    *sni;
+
+    const char    *sentinel;           /* the master's name */
+    const char    *sentinel_user;
+    const char    *sentinel_password;
+
+    const char    *node;               /* the node connected to */
+    conn_t        *conn;
 } options_t;
 
 
@@ -62,6 +78,12 @@ long long parse_number(const char *s, long long min, const char *what);
 const char *check_project(const char *p);
 int no_more_args(int argc, int want, const char *usage_line);
 long long price_value(const char *s, size_t len);
+
+/* transport.c: one connection, plain or TLS */
+conn_t *conn_open(options_t *o, const char *what, const char *addr);
+void conn_close(conn_t *c);
+redisReply *conn_request(conn_t *c, const char *cmd, size_t len);
+redisReply *conn_command(conn_t *c, const char *what, const char *fmt, ...);
 
 /* redis.c */
 char *key(options_t *o, const char *project, const char *suffix);

@@ -1,15 +1,16 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * creditsctl's Redis side: the connection, every command's reply, and the
- * ledger read in pages.  A command-line tool may block, so this is
- * hiredis's synchronous API; Redis itself must not: no command here runs
- * for a time that grows with the ledger.
+ * creditsctl's Redis side: which node to talk to (the one given, the
+ * master a sentinel names, the one a cluster redirects to), every
+ * command's reply, and the ledger read in pages.  A command-line tool may
+ * block (transport.c); Redis itself must not: no command here runs for a
+ * time that grows with the ledger.
  */
 
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 #include "creditsctl.h"
 
 
@@ -32,45 +33,101 @@ key(options_t *o, const char *project, const char *suffix)
 }
 
 
+/* AUTH, with an ACL user when one is given; never a password in a message */
+
+static void
+authenticate(conn_t *c, const char *user, const char *password)
+{
+    if (password == NULL) {
+        return;
+    }
+
+    if (user) {
+        freeReplyObject(conn_command(c, "AUTH", "AUTH %s %s", user, password));
+
+    } else {
+        freeReplyObject(conn_command(c, "AUTH", "AUTH %s", password));
+    }
+}
+
+
+/* "host:port" of the master the sentinel at --redis names */
+
+static const char *
+sentinel_master(options_t *o)
+{
+    static char   addr[300];
+    conn_t       *c;
+    redisReply   *r;
+
+    c = conn_open(o, "sentinel", o->redis);
+    authenticate(c, o->sentinel_user, o->sentinel_password);
+
+    r = conn_command(c, "SENTINEL get-master-addr-by-name",
+                     "SENTINEL get-master-addr-by-name %s", o->sentinel);
+
+    if (r->type == REDIS_REPLY_NIL) {
+        die(EXIT_REDIS, "sentinel %s: no master named \"%s\"", o->redis,
+            o->sentinel);
+    }
+
+    check_strings(r, "SENTINEL get-master-addr-by-name");
+
+    if (r->elements != 2) {
+        die(EXIT_REDIS, "unexpected reply to SENTINEL get-master-addr-by-name");
+    }
+
+    snprintf(addr, sizeof(addr), "%s:%s", r->element[0]->str,
+             r->element[1]->str);
+
+    freeReplyObject(r);
+    conn_close(c);
+
+    return addr;
+}
+
+
+/* a sentinel's answer may be stale during a failover: ROLE tells */
+
+static void
+check_master(options_t *o)
+{
+    redisReply  *r;
+
+    r = conn_command(o->conn, "ROLE", "ROLE");
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0
+        || r->element[0]->type != REDIS_REPLY_STRING)
+    {
+        die(EXIT_REDIS, "unexpected reply to ROLE");
+    }
+
+    if (strcmp(r->element[0]->str, "master") != 0) {
+        die(EXIT_REDIS, "redis %s: not a master (ROLE: %s), though sentinel "
+            "%s names it master of \"%s\" (a failover under way?)",
+            o->node, r->element[0]->str, o->redis, o->sentinel);
+    }
+
+    freeReplyObject(r);
+}
+
+
 static void
 connect_redis(options_t *o)
 {
-    char            host[256];
-    const char     *colon;
-    struct timeval  tv = { 2, 0 };
-
-    if (strncmp(o->redis, "unix:", 5) == 0) {
-        o->ctx = redisConnectUnixWithTimeout(o->redis + 5, tv);
-
-    } else {
-        colon = strrchr(o->redis, ':');
-        if (colon == NULL || colon == o->redis
-            || (size_t) (colon - o->redis) >= sizeof(host))
-        {
-            die(EXIT_USAGE, "invalid --redis \"%s\": host:port or unix:/path",
-                o->redis);
-        }
-
-        memcpy(host, o->redis, colon - o->redis);
-        host[colon - o->redis] = '\0';
-
-        o->ctx = redisConnectWithTimeout(host,
-                     (int) parse_number(colon + 1, 1, "port"), tv);
+    if (o->node == NULL) {
+        o->node = o->sentinel ? sentinel_master(o) : o->redis;
     }
 
-    if (o->ctx == NULL || o->ctx->err) {
-        die(EXIT_REDIS, "cannot connect to redis %s: %s", o->redis,
-            o->ctx ? o->ctx->errstr : "out of memory");
-    }
+    o->conn = conn_open(o, "redis", o->node);
+    authenticate(o->conn, o->user, o->password);
 
-    redisSetTimeout(o->ctx, tv);
-
-    if (o->password) {
-        freeReplyObject(run(o, "AUTH %s", o->password));
+    if (o->sentinel) {
+        check_master(o);
     }
 
     if (o->db) {
-        freeReplyObject(run(o, "SELECT %ld", o->db));
+        freeReplyObject(conn_command(o->conn, "SELECT", "SELECT %ld", o->db));
     }
 }
 
@@ -106,11 +163,11 @@ redirected(options_t *o, redisReply *r, int *asking)
         return 0;
     }
 
-    /* the previous address may still be o->redis: two buffers in turn */
-    o->redis = strcpy(node[n++ % 2], p + 1);
+    /* the previous address may still be o->node: two buffers in turn */
+    o->node = strcpy(node[n++ % 2], p + 1);
 
-    redisFree(o->ctx);
-    o->ctx = NULL;
+    conn_close(o->conn);
+    o->conn = NULL;
 
     return 1;
 }
@@ -135,22 +192,15 @@ run_formatted(options_t *o, char *cmd, int len)
 
     for (hops = 0; /* void */; hops++) {
 
-        if (o->ctx == NULL) {
+        if (o->conn == NULL) {
             connect_redis(o);
         }
 
         if (asking) {
-            freeReplyObject(redisCommand(o->ctx, "ASKING"));
+            freeReplyObject(conn_command(o->conn, "ASKING", "ASKING"));
         }
 
-        r = NULL;
-
-        if (redisAppendFormattedCommand(o->ctx, cmd, len) != REDIS_OK
-            || redisGetReply(o->ctx, (void **) &r) != REDIS_OK
-            || r == NULL)
-        {
-            die(EXIT_REDIS, "redis %s: %s", o->redis, o->ctx->errstr);
-        }
+        r = conn_request(o->conn, cmd, len);
 
         if (r->type != REDIS_REPLY_ERROR || hops == 5
             || !redirected(o, r, &asking))
@@ -164,7 +214,7 @@ run_formatted(options_t *o, char *cmd, int len)
     free(cmd);
 
     if (r->type == REDIS_REPLY_ERROR) {
-        die(EXIT_REDIS, "redis %s: %s", o->redis, r->str);
+        die(EXIT_REDIS, "redis %s: %s", o->node, r->str);
     }
 
     return r;

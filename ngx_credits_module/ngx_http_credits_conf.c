@@ -24,15 +24,12 @@ ngx_http_credits_create_main_conf(ngx_conf_t *cf)
     /*
      * set by ngx_pcalloc():
      *
-     *     cmcf->redis.host = { 0, NULL };
-     *     cmcf->redis.password = { 0, NULL };
      *     cmcf->prefix = { 0, NULL };
      *     cmcf->shm_zone = NULL;
      *     cmcf->enabled = 0;
      */
 
-    cmcf->redis.db = NGX_CONF_UNSET;
-    cmcf->redis.timeout = NGX_CONF_UNSET_MSEC;
+    ngx_http_credits_redis_create_conf(&cmcf->redis);
 
     return cmcf;
 }
@@ -45,14 +42,9 @@ ngx_http_credits_init_main_conf(ngx_conf_t *cf, void *conf)
 
     ngx_str_t  name = ngx_string("request_id");
 
-    if (cmcf->redis.host.data == NULL) {
-        ngx_str_set(&cmcf->redis.host, "127.0.0.1");
-        ngx_str_set(&cmcf->redis.name, "127.0.0.1:6379");
-        cmcf->redis.port = 6379;
+    if (ngx_http_credits_redis_init_conf(cf, &cmcf->redis) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
     }
-
-    ngx_conf_init_value(cmcf->redis.db, 0);
-    ngx_conf_init_msec_value(cmcf->redis.timeout, 1000);
 
     if (cmcf->prefix.data == NULL) {
         ngx_str_set(&cmcf->prefix, "credits:");
@@ -218,121 +210,6 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     cmcf->enabled = 1;
 
     return ngx_http_credits_jwt_check_conf(cf, &conf->jwt);
-}
-
-
-/* credits_redis ADDR... [password=S] [db=N] [timeout=T] */
-
-char *
-ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_credits_main_conf_t *cmcf = conf;
-
-    ngx_str_t                      *value, s;
-    ngx_uint_t                      i;
-    ngx_http_credits_redis_addr_t   addr, *a;
-    ngx_http_credits_redis_conf_t  *rc;
-
-    rc = &cmcf->redis;
-
-    if (rc->host.data) {
-        return "is duplicate";
-    }
-
-    value = cf->args->elts;
-
-    /* addresses first, tried in turn; then the parameters, with a "=" */
-
-    for (i = 1;
-         i < cf->args->nelts
-         && ngx_strlchr(value[i].data, value[i].data + value[i].len, '=')
-            == NULL;
-         i++)
-    {
-        a = &addr;
-
-        if (i > 1) {
-            if (rc->others == NULL) {
-                rc->others = ngx_array_create(cf->pool, 2,
-                                       sizeof(ngx_http_credits_redis_addr_t));
-                if (rc->others == NULL) {
-                    return NGX_CONF_ERROR;
-                }
-            }
-
-            a = ngx_array_push(rc->others);
-            if (a == NULL) {
-                return NGX_CONF_ERROR;
-            }
-        }
-
-        if (ngx_http_credits_redis_parse_addr(cf, &value[i], a)
-            != NGX_CONF_OK)
-        {
-            return NGX_CONF_ERROR;
-        }
-
-        if (i == 1) {
-            rc->host = addr.host;
-            rc->port = addr.port;
-            rc->unix_socket = addr.unix_socket;
-            rc->name = addr.name;
-        }
-    }
-
-    if (i == 1) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"credits_redis\" needs an address first");
-        return NGX_CONF_ERROR;
-    }
-
-    for ( /* void */ ; i < cf->args->nelts; i++) {
-
-        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
-            rc->password.data = value[i].data + 9;
-            rc->password.len = value[i].len - 9;
-
-            if (rc->password.len == 0) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "db=", 3) == 0) {
-            rc->db = ngx_atoi(value[i].data + 3, value[i].len - 3);
-
-            if (rc->db == NGX_ERROR) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
-            s.data = value[i].data + 8;
-            s.len = value[i].len - 8;
-
-            rc->timeout = ngx_parse_time(&s, 0);
-
-            if (rc->timeout == (ngx_msec_t) NGX_ERROR || rc->timeout == 0) {
-                goto invalid;
-            }
-
-            continue;
-        }
-
-        goto invalid;
-    }
-
-    return NGX_CONF_OK;
-
-invalid:
-
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\"", &value[i]);
-
-    return NGX_CONF_ERROR;
 }
 
 

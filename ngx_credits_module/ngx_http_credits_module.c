@@ -87,6 +87,48 @@ static ngx_command_t  ngx_http_credits_commands[] = {
       0,
       NULL },
 
+    { ngx_string("credits_redis_ssl_verify"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_verify),
+      NULL },
+
+    { ngx_string("credits_redis_ssl_verify_depth"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_verify_depth),
+      NULL },
+
+    { ngx_string("credits_redis_ssl_name"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_name),
+      NULL },
+
+    { ngx_string("credits_redis_ssl_trusted_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_trusted_certificate),
+      NULL },
+
+    { ngx_string("credits_redis_ssl_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_certificate),
+      NULL },
+
+    { ngx_string("credits_redis_ssl_certificate_key"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_credits_main_conf_t, redis.ssl_certificate_key),
+      NULL },
+
     { ngx_string("credits_key_prefix"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
@@ -225,6 +267,10 @@ ngx_http_credits_init(ngx_conf_t *cf)
     }
 
     ccf = ngx_http_conf_get_module_main_conf(cf, ngx_http_credits_module);
+
+    if (ngx_http_credits_redis_postconf(cf, &ccf->redis) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     if (ngx_http_credits_status_init_zone(cf, ccf) != NGX_OK) {
         return NGX_ERROR;

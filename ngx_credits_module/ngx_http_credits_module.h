@@ -58,23 +58,38 @@ typedef struct {
 
 
 typedef struct {
-    ngx_str_t                   host;         /* numeric, or unix path */
+    ngx_str_t                   host;         /* name, numeric, or unix path */
     in_port_t                   port;
     ngx_uint_t                  unix_socket;  /* unsigned:1 */
     ngx_str_t                   name;         /* as configured, for logs */
 } ngx_http_credits_redis_addr_t;
 
 
-/* the first address inline, any further ones (tried in turn) in "others" */
+/* credits_redis and credits_redis_ssl_* */
 typedef struct {
-    ngx_str_t                   host;         /* numeric, or unix path */
-    in_port_t                   port;
-    ngx_uint_t                  unix_socket;  /* unsigned:1 */
+    ngx_array_t                *addrs;        /* seeds, or the sentinels */
+    ngx_str_t                   user;
     ngx_str_t                   password;
     ngx_int_t                   db;
     ngx_msec_t                  timeout;
-    ngx_str_t                   name;         /* as configured, for logs */
-    ngx_array_t                *others;       /* of ngx_http_credits_redis_addr_t */
+    ngx_str_t                   sentinel;     /* the master's name */
+    ngx_str_t                   sentinel_user;
+    ngx_str_t                   sentinel_password;
+
+    ngx_flag_t                  ssl_on;
+    ngx_flag_t                  ssl_verify;
+    ngx_uint_t                  ssl_verify_depth;
+    ngx_str_t                   ssl_name;     /* null-terminated */
+    ngx_uint_t                  ssl_sni;      /* ssl_name is a DNS name */
+    ngx_str_t                   ssl_trusted_certificate;
+    ngx_str_t                   ssl_certificate;
+    ngx_str_t                   ssl_certificate_key;
+#if (NGX_SSL)
+    ngx_ssl_t                  *ssl;          /* NULL: plain TCP */
+#endif
+
+    ngx_resolver_t             *resolver;     /* NULL: resolved at start */
+    ngx_msec_t                  resolver_timeout;
 } ngx_http_credits_redis_conf_t;
 
 
@@ -129,13 +144,17 @@ typedef struct {
 #define NGX_HTTP_CREDITS_REDIS_CONNECTING  1
 #define NGX_HTTP_CREDITS_REDIS_UP          2
 
+/* what a node is: a Redis, the master a sentinel named, a sentinel */
+#define NGX_HTTP_CREDITS_NODE_REDIS        0
+#define NGX_HTTP_CREDITS_NODE_MASTER       1
+#define NGX_HTTP_CREDITS_NODE_SENTINEL     2
+
 
 typedef struct ngx_http_credits_redis_cmd_s  ngx_http_credits_redis_cmd_t;
 typedef struct ngx_http_credits_node_s       ngx_http_credits_node_t;
-struct redisAsyncContext;
 
-typedef void (*ngx_http_credits_node_reply_pt)(struct redisAsyncContext *ac,
-    void *reply, void *privdata);
+typedef void (*ngx_http_credits_node_reply_pt)(ngx_http_credits_node_t *node,
+    redisReply *reply, void *data);
 
 typedef void (*ngx_http_credits_redis_handler_pt)(
     ngx_http_credits_redis_cmd_t *cmd, redisReply *reply);
@@ -337,9 +356,15 @@ ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
     u_char *digest, time_t now, double exp, ngx_str_t *project);
 
+/* redis configuration: addresses, TLS, names */
+char *ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+void ngx_http_credits_redis_create_conf(ngx_http_credits_redis_conf_t *rc);
+char *ngx_http_credits_redis_init_conf(ngx_conf_t *cf,
+    ngx_http_credits_redis_conf_t *rc);
+ngx_int_t ngx_http_credits_redis_postconf(ngx_conf_t *cf,
+    ngx_http_credits_redis_conf_t *rc);
+
 /* redis router: the nodes, the cluster's slot map, redirections */
-char *ngx_http_credits_redis_parse_addr(ngx_conf_t *cf, ngx_str_t *url,
-    ngx_http_credits_redis_addr_t *addr);
 ngx_int_t ngx_http_credits_redis_init(ngx_cycle_t *cycle,
     ngx_http_credits_redis_conf_t *conf);
 void ngx_http_credits_redis_exit(void);
@@ -365,6 +390,10 @@ ngx_http_credits_node_t *ngx_http_credits_node_create(
 void ngx_http_credits_node_free(ngx_http_credits_node_t *node);
 void ngx_http_credits_node_keep(ngx_http_credits_node_t *node, ngx_uint_t on,
     ngx_uint_t probe);
+void ngx_http_credits_node_role(ngx_http_credits_node_t *node,
+    ngx_uint_t role, ngx_http_credits_node_reply_pt push, void *data);
+void ngx_http_credits_node_drop(ngx_http_credits_node_t *node,
+    const char *why);
 ngx_uint_t ngx_http_credits_node_connect(ngx_http_credits_node_t *node);
 ngx_uint_t ngx_http_credits_node_state(ngx_http_credits_node_t *node);
 ngx_uint_t ngx_http_credits_node_reconnects(ngx_http_credits_node_t *node);

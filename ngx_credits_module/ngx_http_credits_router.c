@@ -58,7 +58,7 @@ ngx_http_credits_redis_init(ngx_cycle_t *cycle,
 {
     ngx_uint_t                      i;
     ngx_http_credits_router_t      *rt;
-    ngx_http_credits_redis_addr_t   first, *addr;
+    ngx_http_credits_redis_addr_t  *addr;
 
     rt = ngx_calloc(sizeof(ngx_http_credits_router_t), cycle->log);
     if (rt == NULL) {
@@ -79,28 +79,23 @@ ngx_http_credits_redis_init(ngx_cycle_t *cycle,
 
     ngx_http_credits_slots_init(rt);
 
-    first.host = conf->host;
-    first.port = conf->port;
-    first.unix_socket = conf->unix_socket;
-    first.name = conf->name;
+    ngx_http_credits_count_redis(0, 0);
 
-    if (ngx_http_credits_router_add(&first) != NGX_OK) {
-        return NGX_ERROR;
+    /* the addresses are sentinels: the master is the one they name */
+    if (conf->sentinel.len) {
+        rt->mode = NGX_HTTP_CREDITS_MODE_STANDALONE;
+        return ngx_http_credits_sentinel_init(rt);
     }
 
-    if (conf->others) {
-        addr = conf->others->elts;
+    addr = conf->addrs->elts;
 
-        for (i = 0; i < conf->others->nelts; i++) {
-            if (ngx_http_credits_router_add(&addr[i]) != NGX_OK) {
-                return NGX_ERROR;
-            }
+    for (i = 0; i < conf->addrs->nelts; i++) {
+        if (ngx_http_credits_router_add(&addr[i]) != NGX_OK) {
+            return NGX_ERROR;
         }
     }
 
     rt->nseeds = rt->nnodes;
-
-    ngx_http_credits_count_redis(0, 0);
 
     ngx_http_credits_node_keep(rt->nodes[0], 1, 1);
     (void) ngx_http_credits_node_connect(rt->nodes[0]);
@@ -150,6 +145,10 @@ ngx_http_credits_redis_exit(void)
         ngx_del_timer(&rt->refresh);
     }
 
+    if (rt->sentinel) {
+        ngx_http_credits_sentinel_exit(rt);
+    }
+
     for (i = 0; i < rt->nnodes; i++) {
         ngx_http_credits_node_free(rt->nodes[i]);
     }
@@ -186,6 +185,10 @@ ngx_uint_t
 ngx_http_credits_redis_state(void)
 {
     ngx_http_credits_router_t  *rt = ngx_http_credits_router;
+
+    if (rt->nnodes == 0) {
+        return NGX_HTTP_CREDITS_REDIS_DOWN;     /* no sentinel answered yet */
+    }
 
     switch (rt->mode) {
 
@@ -325,7 +328,7 @@ ngx_http_credits_router_send(ngx_http_credits_redis_cmd_t *cmd)
 
     if (node == NULL) {
         if (rt->mode != NGX_HTTP_CREDITS_MODE_CLUSTER) {
-            node = rt->nodes[rt->seed];
+            node = rt->nnodes ? rt->nodes[rt->seed] : NULL;
 
         } else if (cmd->slot >= 0) {
             node = rt->slots[cmd->slot];
@@ -509,7 +512,19 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
 
         cmd->node = NULL;
         cmd->asking = 0;
-        ngx_http_credits_router_refresh(node);
+
+        /*
+         * A cluster's map says who serves now.  A standalone Redis
+         * (or a Sentinel's master) that is loading or was demoted is
+         * connected to again: its name may point elsewhere by now.
+         */
+        if (rt->mode == NGX_HTTP_CREDITS_MODE_CLUSTER) {
+            ngx_http_credits_router_refresh(node);
+
+        } else if (!ngx_http_credits_is("CLUSTERDOWN")) {
+            ngx_http_credits_node_drop(node, "it cannot serve");
+        }
+
         ngx_http_credits_router_pause(cmd, "a node that cannot serve");
         return NGX_OK;
     }
@@ -589,7 +604,7 @@ ngx_http_credits_router_pause(ngx_http_credits_redis_cmd_t *cmd,
 
     if (why && spent + pause >= rt->conf->timeout) {
         ngx_log_error(NGX_LOG_ERR, rt->log, 0,
-                      "credits: redis cluster: %s for %Mms", why, spent);
+                      "credits: redis: %s for %Mms", why, spent);
         ngx_http_credits_router_done(cmd, NULL);
         return;
     }

@@ -13,8 +13,6 @@
 
 #include "ngx_http_credits_module.h"
 
-#include <hiredis/async.h>
-
 
 #define NGX_HTTP_CREDITS_SLOTS             16384
 #define NGX_HTTP_CREDITS_NODES_MAX         256
@@ -46,6 +44,8 @@ typedef struct {
     ngx_http_credits_node_t        *slots[NGX_HTTP_CREDITS_SLOTS];
     ngx_uint_t                      covered;
 
+    struct ngx_http_credits_sentinel_s  *sentinel;  /* sentinel= */
+
     ngx_event_t                     refresh;
     ngx_msec_t                      refreshed;  /* last asked */
     unsigned                        refreshing:1;
@@ -62,6 +62,10 @@ ngx_http_credits_node_t *ngx_http_credits_router_node(u_char *host,
     size_t len, in_port_t port);
 void ngx_http_credits_router_refresh(ngx_http_credits_node_t *avoid);
 void ngx_http_credits_router_count(void);
+
+ngx_int_t ngx_http_credits_sentinel_init(ngx_http_credits_router_t *rt);
+void ngx_http_credits_sentinel_exit(ngx_http_credits_router_t *rt);
+void ngx_http_credits_sentinel_lost(ngx_http_credits_node_t *node);
 
 
 #endif /* _NGX_HTTP_CREDITS_ROUTER_H_INCLUDED_ */

@@ -2,7 +2,7 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * The router's map: the configured addresses (seeds), the probe that
+ * The router's map: the probe that
  * tells a standalone Redis from a cluster, a cluster's slot map from
  * CLUSTER SLOTS and its refreshes, and the hash slot of a key.
  */
@@ -14,8 +14,8 @@
 static void ngx_http_credits_router_refresh_handler(ngx_event_t *ev);
 static ngx_http_credits_node_t *ngx_http_credits_router_source(
     ngx_http_credits_node_t *avoid);
-static void ngx_http_credits_router_slots_reply(redisAsyncContext *ac,
-    void *r, void *privdata);
+static void ngx_http_credits_router_slots_reply(ngx_http_credits_node_t *node,
+    redisReply *reply, void *data);
 static void ngx_http_credits_router_apply(ngx_http_credits_node_t *source,
     redisReply *reply);
 
@@ -24,61 +24,6 @@ static uint16_t  ngx_http_credits_crc16_table[256];
 
 
 /* credits_redis's addresses: resolved here, once, a worker never waits */
-
-char *
-ngx_http_credits_redis_parse_addr(ngx_conf_t *cf, ngx_str_t *url,
-    ngx_http_credits_redis_addr_t *addr)
-{
-    u_char     *p;
-    ngx_url_t   u;
-
-    ngx_memzero(&u, sizeof(ngx_url_t));
-
-    u.url = *url;
-    u.default_port = 6379;
-
-    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid redis address \"%V\": %s",
-                           &u.url, u.err ? u.err : "unknown error");
-        return NGX_CONF_ERROR;
-    }
-
-    if (u.naddrs == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "redis address \"%V\" has no addresses", &u.url);
-        return NGX_CONF_ERROR;
-    }
-
-    ngx_memzero(addr, sizeof(ngx_http_credits_redis_addr_t));
-
-    addr->name = *url;
-
-    p = ngx_pnalloc(cf->pool, NGX_SOCKADDR_STRLEN + 1);
-    if (p == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    addr->host.data = p;
-
-#if (NGX_HAVE_UNIX_DOMAIN)
-    if (u.family == AF_UNIX) {
-        addr->unix_socket = 1;
-        addr->host.len = ngx_cpystrn(p,
-                   (u_char *) ((struct sockaddr_un *) u.addrs[0].sockaddr)
-                   ->sun_path, NGX_SOCKADDR_STRLEN) - p;
-        return NGX_CONF_OK;
-    }
-#endif
-
-    addr->host.len = ngx_sock_ntop(u.addrs[0].sockaddr, u.addrs[0].socklen,
-                                   p, NGX_SOCKADDR_STRLEN, 0);
-    p[addr->host.len] = '\0';
-    addr->port = u.port;
-
-    return NGX_CONF_OK;
-}
-
 
 void
 ngx_http_credits_slots_init(ngx_http_credits_router_t *rt)
@@ -279,11 +224,10 @@ ngx_http_credits_router_source(ngx_http_credits_node_t *avoid)
 
 
 static void
-ngx_http_credits_router_slots_reply(redisAsyncContext *ac, void *r,
-    void *privdata)
+ngx_http_credits_router_slots_reply(ngx_http_credits_node_t *node,
+    redisReply *reply, void *data)
 {
     ngx_str_t                   err;
-    redisReply                 *reply = r;
     ngx_http_credits_router_t  *rt = ngx_http_credits_router;
 
     if (rt == NULL || rt->exiting) {
@@ -295,11 +239,11 @@ ngx_http_credits_router_slots_reply(redisAsyncContext *ac, void *r,
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
         ngx_log_error(NGX_LOG_ERR, rt->log, 0,
                       "credits: redis %V: CLUSTER SLOTS failed: %s",
-                      &ngx_http_credits_node_addr(privdata)->name,
+                      &ngx_http_credits_node_addr(node)->name,
                       ngx_http_credits_reply_error(reply, &err));
 
     } else {
-        ngx_http_credits_router_apply(privdata, reply);
+        ngx_http_credits_router_apply(node, reply);
     }
 
     /* a map with holes (a failover under way) is asked for again */
@@ -457,6 +401,11 @@ ngx_http_credits_router_node_lost(ngx_http_credits_node_t *node,
 
     if (rt->mode == NGX_HTTP_CREDITS_MODE_CLUSTER) {
         ngx_http_credits_router_refresh(node);
+        return;
+    }
+
+    if (rt->sentinel) {
+        ngx_http_credits_sentinel_lost(node);
         return;
     }
 

@@ -46,6 +46,45 @@ like $out, qr/creditsctl: cannot connect to redis 127.0.0.1:1/, 'and says so';
 
 ($rc, $out) = ctl('--help');
 like $out, qr/usage: creditsctl/, '--help';
+for my $flag (qw(--redis --user --password --db --prefix --json --tls --cacert
+                 --cert --key --sni --sentinel --sentinel-user
+                 --sentinel-password)) {
+    like $out, qr/^  \Q$flag\E(?: |\n)/m, "--help lists $flag";
+}
+
+# options that mean nothing without another are refused before connecting
+for my $bad (['--user', 'ops'], ['--cacert', 'ca.pem'], ['--sni', 'x'],
+             ['--tls', '--cert', 'c.pem'], ['--tls', '--key', 'k.pem'],
+             ['--sentinel-password', 's'],
+             ['--sentinel', 'm', '--sentinel-user', 'u'],
+             ['--tls', '--redis', 'unix:/tmp/none.sock'])
+{
+    ($rc, $out) = ctl(@$bad, 'balance', 'p1');
+    is $rc, 2, "usage error: @$bad";
+    like $out, qr/^creditsctl: [^\n]+\n$/, "one-line error: @$bad";
+}
+
+($rc, $out) = ctl('--tls', '--cacert', '/nonexistent/ca.pem', 'balance', 'p1');
+is $rc, 2, 'an unreadable --cacert: exit 2';
+like $out, qr/^creditsctl: cannot load --cacert \S+: No such file/,
+    '... naming the file and why';
+
+# an ACL user: AUTH user password; a refused one shows Redis's error only
+$redis->cmd('ACL', 'SETUSER', 'ops', 'on', '>ops-secret', '~credits:*',
+            '+get');
+($rc, $out) = ctl('--user', 'ops', '--password', 'ops-secret', 'balance', 'p1');
+is_deeply [$rc, $out], [0, "120\n"], '--user: AUTH as an ACL user';
+($rc, $out) = ctl('--user', 'ops', '--password', 'wrong-secret', 'balance',
+                  'p1');
+is $rc, 3, 'a wrong password: exit 3';
+like $out, qr/^creditsctl: redis \S+: AUTH failed: WRONGPASS/,
+    '... with Redis\'s error';
+unlike $out, qr/secret/, '... and never the password';
+($rc, $out) = ctl('--user', 'ops', '--password', 'ops-secret', 'topup', 'p1',
+                  1);
+like $out, qr/NOPERM/, 'the ACL user is the one whose rights apply';
+$redis->cmd('ACL', 'DELUSER', 'ops');
+
 ($rc, $out) = ctl('audit', '--help');
 is $rc, 0, 'command --help';
 like $out, qr/usage: creditsctl audit P \[--start N\]/, 'audit --help';
