@@ -110,11 +110,13 @@ fails('--sentinel of a name it does not watch', "$s --sentinel nosuch",
 my $guarded = CreditsManaged::Sentinels->start(master => $master,
     name => 'guarded', count => 1, quorum => 1, replicas => 0,
     auth => [ 'spw-0123' ],
-    conf => "requirepass spw-0123\nuser gw on >gwpw-4567 allchannels +\@all\n");
+    conf => "requirepass spw-0123\n");
+($guarded->all)[0]->cmd(
+    CreditsManaged::documented_acl('credits-sentinel', 'gwpw-4567'));
 my $g = '--redis ' . ($guarded->all)[0]->addr . ' --sentinel guarded';
 works('--sentinel-password', "$g --sentinel-password spw-0123", $master, 'ctl');
 works('--sentinel-user --sentinel-password',
-      "$g --sentinel-user gw --sentinel-password gwpw-4567", $master, 'ctl');
+      "$g --sentinel-user credits-sentinel --sentinel-password gwpw-4567", $master, 'ctl');
 fails('a wrong sentinel password', "$g --sentinel-password nope-8910",
       qr/WRONGPASS|AUTH/, $master, 'ctl');
 fails('no sentinel password', $g, qr/NOAUTH|AUTH/, $master, 'ctl');

@@ -10,39 +10,27 @@ use warnings;
 use Test::More;
 use lib 't/lib';
 use CreditsTest;
+use CreditsManaged;
 
 my $dir = test_dir();
 my $secret = 'acl-secret-0123456789abcdef';
 write_file('hs.key', $secret);
 my $bin = $ENV{CREDITSCTL} || 'build/creditsctl';
 
-# the rule, as docs/redis.md writes it: a shell command over lines
-sub documented_rule {
-    my $doc = CreditsTest::slurp('docs/redis.md');
-    my ($section) = $doc =~ /^## ACL user\n(.*?)(?=^## |\z)/ms
-        or die "docs/redis.md has no ACL user section";
-    my ($block) = $section =~ /^(    redis-cli ACL SETUSER .*?)\n\n/ms
-        or die "the ACL user section has no redis-cli ACL SETUSER block";
-    $block =~ s/\\\n/ /g;
-    my @words = map { s/'//gr } split ' ', $block;
-    shift @words;
-    return @words;
-}
-
-my @rule = documented_rule();
+my $pw = "acl-pw-$$-" . int(rand 1e9);
+my @rule = CreditsManaged::documented_acl('credits', $pw);
 is_deeply [ @rule[0 .. 2] ], [ 'ACL', 'SETUSER', 'credits' ],
     'docs/redis.md: ACL SETUSER credits ...';
 ok((grep { $_ eq '~credits:*' } @rule), 'the rule reaches credits:* keys');
 ok((grep { $_ eq '-@all' } @rule), 'the rule starts from no command');
 my @granted = map { /^\+(.+)/ ? $1 : () } @rule;
-# sent only with db=N, or to a Redis Cluster
-my %conditional = map { $_ => 1 } qw(select cluster|slots asking);
+# sent only with db=N, to a Redis Cluster, or with Sentinel
+my %conditional = map { $_ => 1 } qw(select cluster|slots asking role);
 
-my $pw = "acl-pw-$$-" . int(rand 1e9);
 my $redis = CreditsTest::Redis->start(auth => [ 'admin', 'adminpw' ],
     args => [ '--user', 'admin', 'on', '>adminpw', '~*', '&*', '+@all',
               '--user', 'default', 'off' ]);
-is $redis->cmd(map { $_ eq '>PASSWORD' ? ">$pw" : $_ } @rule), 'OK',
+is $redis->cmd(@rule), 'OK',
     'the documented rule is accepted by Redis';
 my $addr = $redis->addr;
 

@@ -19,6 +19,19 @@ write_file('hs.key', $secret);
 
 my ($old, $new) = CreditsManaged::replicated_pair();
 my $sentinels = CreditsManaged::Sentinels->start(master => $old);
+
+# the gateway's ACL user of docs/redis.md on both nodes (the sentinels
+# use the default user)
+my $dpw = 'data-pw-0123';
+is $_->cmd(CreditsManaged::documented_acl('credits', $dpw)), 'OK',
+    'the documented ACL user on ' . $_->addr for $old, $new;
+
+# what the ACL users were denied (failed logins aside)
+sub denied {
+    my ($node) = @_;
+    return [ grep { my %e = @$_; $e{reason} ne 'auth' }
+             @{ $node->cmd('ACL', 'LOG') } ];
+}
 my $up = CreditsTest::Upstream->start;
 
 sub gateway {
@@ -88,7 +101,7 @@ sub ready {
 my $start = 1_000_000;
 $old->cmd('SET', 'credits:{sent}:balance', $start);
 my $list = join ' ', $sentinels->addrs;
-my $ngx = gateway("sentinel=mymaster $list");
+my $ngx = gateway("sentinel=mymaster user=credits password=$dpw $list");
 my $first = $ngx->get('/ai', %auth);
 is $first->{status}, 200,
     'a request right after start waits for the master (no 503)'
@@ -112,6 +125,9 @@ is_deeply [ sort $ngx->workers ], \@workers, 'the same workers: no reload';
 unshift @$reqs, @before;
 books_exact('failover', $new, 'sent', $reqs, price => 2, start => $start);
 charges('after the failover', $ngx, $new, 3);
+is_deeply [ map { @{ denied($_) } } $old, $new ], [],
+    'nothing denied to the documented ACL user';
+unlike $ngx->error_log, qr/\Q$dpw\E/, 'its password is not in the log';
 unlike $ngx->error_log, qr/\[alert\]|exited on signal/, 'no worker crashed';
 $ngx->stop;
 
@@ -130,8 +146,9 @@ $ngx->stop;
 
 my $guarded = CreditsManaged::Sentinels->start(master => $new,
     name => 'guarded', auth => [ 'spw-0123' ],
-    conf => "requirepass spw-0123\nsentinel sentinel-pass spw-0123\n"
-          . "user gw on >gwpw-4567 allchannels +\@all\n");
+    conf => "requirepass spw-0123\nsentinel sentinel-pass spw-0123\n");
+is $_->cmd(CreditsManaged::documented_acl('credits-sentinel', 'gwpw-4567')),
+    'OK', 'the documented sentinel user on ' . $_->addr for $guarded->all;
 my $glist = join ' ', $guarded->addrs;
 
 $ngx = gateway("sentinel=guarded sentinel_password=spw-0123 $glist");
@@ -140,9 +157,12 @@ charges('sentinel_password=', $ngx, $new, 2);
 unlike $ngx->error_log, qr/spw-0123/, 'the password is not in the log';
 $ngx->stop;
 
-$ngx = gateway("sentinel=guarded sentinel_user=gw sentinel_password=gwpw-4567 $glist");
+$ngx = gateway("sentinel=guarded sentinel_user=credits-sentinel "
+               . "sentinel_password=gwpw-4567 $glist");
 ready($ngx);
 charges('sentinel_user= sentinel_password=', $ngx, $new, 2);
+is_deeply [ map { @{ denied($_) } } $guarded->all ], [],
+    'nothing denied to the documented sentinel user';
 $ngx->stop;
 
 for my $case ([ 'a wrong sentinel password',

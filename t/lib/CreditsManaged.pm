@@ -11,7 +11,9 @@ package CreditsManaged;
 use strict;
 use warnings;
 
+use Cwd ();
 use Exporter 'import';
+use File::Basename ();
 use IO::Socket::INET;
 use POSIX ();
 use Time::HiRes qw(sleep time);
@@ -21,6 +23,7 @@ use CreditsTest;
 our @EXPORT = qw(traffic recovered books_exact switch_over);
 
 my @PIDS;    # processes started here that are not CreditsTest's
+my $TOP = Cwd::abs_path(File::Basename::dirname(__FILE__) . '/../..');
 
 END {
     local $?;
@@ -84,6 +87,23 @@ sub run_quiet {
     my $out = `@cmd 2>&1`;
     die "$what failed: @cmd\n$out" if $?;
     return $out;
+}
+
+
+# The ACL rule for $user that docs/redis.md gives, as the command to
+# send (ACL SETUSER $user ...), its password $password: the docs write a
+# shell command over lines, redis-cli ACL SETUSER ...
+sub documented_acl {
+    my ($user, $password) = @_;
+    my $doc = CreditsTest::slurp("$TOP/docs/redis.md");
+    my ($section) = $doc =~ /^## ACL user\n(.*?)(?=^## |\z)/ms
+        or die "docs/redis.md has no ACL user section";
+    my ($block) = $section =~ /^(    redis-cli [^\n]*ACL SETUSER \Q$user\E .*?)\n\n/ms
+        or die "docs/redis.md: no redis-cli ACL SETUSER $user block";
+    $block =~ s/\\\n/ /g;
+    my @words = map { s/'//gr } split ' ', $block;
+    shift @words while @words && $words[0] ne 'ACL';
+    return map { $_ eq '>PASSWORD' ? ">$password" : $_ } @words;
 }
 
 
