@@ -203,7 +203,9 @@ ngx_http_credits_node_read_handler(ngx_event_t *ev)
     ngx_connection_t         *c = ev->data;
     ngx_http_credits_node_t  *node = c->data;
 
-    for ( ;; ) {
+    /* c->recv() clears "ready" when it read less than asked: drained */
+
+    while (c->read->ready) {
         n = c->recv(c, ngx_http_credits_read_buf, NGX_HTTP_CREDITS_READ_SIZE);
 
         if (n == NGX_AGAIN) {

@@ -428,6 +428,13 @@ ngx_http_credits_redis_ssl(ngx_conf_t *cf, ngx_http_credits_redis_conf_t *rc)
     SSL_CTX_set_mode(rc->ssl->ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
                                    |SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
 
+    /*
+     * nginx releases a connection's TLS buffers whenever they are empty,
+     * which saves memory on many idle clients; a worker has a few busy
+     * Redis connections, and would allocate them again at every read
+     */
+    SSL_CTX_clear_mode(rc->ssl->ctx, SSL_MODE_RELEASE_BUFFERS);
+
     if (ngx_ssl_ciphers(cf, rc->ssl, &ciphers, 0) != NGX_OK) {
         return NGX_ERROR;
     }
