@@ -72,7 +72,8 @@ is $rc, 2, '--cacert without --tls: usage error' or diag $out;
 # -- mutual TLS ------------------------------------------------------------
 
 my $mtls = CreditsManaged::TLSRedis->start(pki => $pki, auth_clients => 1);
-my $m = '--redis ' . $mtls->tls_addr . " --tls --cacert $P/ca.crt --sni redis.test";
+my $m = '--redis ' . $mtls->tls_addr
+      . " --tls --cacert $P/ca.crt --sni redis.test";
 works('--cert --key', "$m --cert $P/client.crt --key $P/client.key",
       $mtls, 'ctl');
 fails('no client certificate', $m, qr/TLS|SSL|certificate/, $mtls, 'ctl');
@@ -88,7 +89,8 @@ $tls->cmd('ACL', 'SETUSER', 'default', 'off');
 $tls->{auth} = [ 'ctl', 'ctl-pw-0123' ];
 delete $tls->{sock};
 my $u = "$t --cacert $P/ca.crt --sni redis.test";
-works('--user --password', "$u --user ctl --password ctl-pw-0123", $tls, 'ctl');
+works('--user --password', "$u --user ctl --password ctl-pw-0123",
+      $tls, 'ctl');
 fails('a wrong password', "$u --user ctl --password nope-4567",
       qr/WRONGPASS|AUTH/, $tls, 'ctl');
 ($rc, $out) = ctl("$u --user ctl --password nope-4567 balance ctl");
@@ -114,9 +116,11 @@ my $guarded = CreditsManaged::Sentinels->start(master => $master,
 ($guarded->all)[0]->cmd(
     CreditsManaged::documented_acl('credits-sentinel', 'gwpw-4567'));
 my $g = '--redis ' . ($guarded->all)[0]->addr . ' --sentinel guarded';
-works('--sentinel-password', "$g --sentinel-password spw-0123", $master, 'ctl');
+works('--sentinel-password', "$g --sentinel-password spw-0123",
+      $master, 'ctl');
 works('--sentinel-user --sentinel-password',
-      "$g --sentinel-user credits-sentinel --sentinel-password gwpw-4567", $master, 'ctl');
+      "$g --sentinel-user credits-sentinel --sentinel-password gwpw-4567",
+      $master, 'ctl');
 fails('a wrong sentinel password', "$g --sentinel-password nope-8910",
       qr/WRONGPASS|AUTH/, $master, 'ctl');
 fails('no sentinel password', $g, qr/NOAUTH|AUTH/, $master, 'ctl');

@@ -158,8 +158,8 @@ is scalar @$log, 0, "no command denied to the rule's user"
     or diag explain $log;
 
 my $stats = $redis->cmd('INFO', 'commandstats');
-my @unused = grep { !$conditional{$_} && $stats !~ /^cmdstat_\Q$_\E:calls=[1-9]/m }
-             @granted;
+my @unused = grep { !$conditional{$_}
+                    && $stats !~ /^cmdstat_\Q$_\E:calls=[1-9]/m } @granted;
 is_deeply \@unused, [], 'every command the rule grants was used'
     or diag $stats;
 
@@ -202,7 +202,8 @@ for my $case ([ 'a wrong password', "user=credits password=$wrong",
     $ngx->stop;
 }
 
-my $out = `$bin --redis $addr --user credits --password $wrong balance acl 2>&1`;
+my $out = `$bin --redis $addr --user credits --password $wrong \
+            balance acl 2>&1`;
 my $rc = $? >> 8;
 is $rc, 3, 'creditsctl with a wrong password: exit 3';
 like $out, qr/WRONGPASS|AUTH/, 'creditsctl says the authentication failed';

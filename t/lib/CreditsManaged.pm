@@ -23,6 +23,7 @@ use CreditsTest;
 our @EXPORT = qw(traffic recovered books_exact switch_over);
 
 my @PIDS;    # processes started here that are not CreditsTest's
+my $TRAFFIC = 0; # traffic runs so far: their files' names
 my $TOP = Cwd::abs_path(File::Basename::dirname(__FILE__) . '/../..');
 
 END {
@@ -98,7 +99,8 @@ sub documented_acl {
     my $doc = CreditsTest::slurp("$TOP/docs/redis.md");
     my ($section) = $doc =~ /^## ACL user\n(.*?)(?=^## |\z)/ms
         or die "docs/redis.md has no ACL user section";
-    my ($block) = $section =~ /^(    redis-cli [^\n]*ACL SETUSER \Q$user\E .*?)\n\n/ms
+    my ($block) =
+        $section =~ /^(    redis-cli [^\n]*ACL SETUSER \Q$user\E .*?)\n\n/ms
         or die "docs/redis.md: no redis-cli ACL SETUSER $user block";
     $block =~ s/\\\n/ /g;
     my @words = map { s/'//gr } split ' ', $block;
@@ -116,7 +118,7 @@ sub documented_acl {
 sub traffic {
     my ($ngx, %o) = @_;
     my $dir = CreditsTest::test_dir();
-    my $tag = "traffic." . ++$CreditsManaged::traffic_count;
+    my $tag = "traffic." . ++$TRAFFIC;
     my @pids;
     for my $c (1 .. ($o{clients} || 4)) {
         my $pid = fork // die "fork: $!";
@@ -457,7 +459,8 @@ sub set {
     $self->{records}{lc $_} = $records{$_} for keys %records;
     my $tmp = "$self->{file}.tmp";
     open my $f, '>', $tmp or die "$tmp: $!";
-    print $f map { "$_ $self->{records}{$_}\n" } sort keys %{ $self->{records} };
+    my $rec = $self->{records};
+    print $f map { "$_ $rec->{$_}\n" } sort keys %$rec;
     close $f;
     rename $tmp, $self->{file} or die "rename: $!";
 }
@@ -505,7 +508,8 @@ sub start {
 
 sub start_again {
     my ($self) = @_;
-    $self->{pid} = CreditsManaged::spawn("$self->{dir}/sentinel-$self->{port}.log",
+    $self->{pid} = CreditsManaged::spawn(
+        "$self->{dir}/sentinel-$self->{port}.log",
         'redis-server', $self->{conf}, '--sentinel');
     delete $self->{sock};
     CreditsTest::wait_for(sub {
@@ -548,8 +552,9 @@ sub start {
     $conf .= $o{conf} // '';
 
     my $self = bless { name => $name, sentinels => [
-        map { CreditsManaged::Sentinel->start(conf => $conf, auth => $o{auth}) }
-        1 .. $n ] }, $class;
+        map { CreditsManaged::Sentinel->start(conf => $conf,
+                                              auth => $o{auth}) } 1 .. $n ] },
+        $class;
     CreditsTest::wait_for(sub {
         for my $s ($self->all) {
             my %m = @{ $s->cmd('SENTINEL', 'MASTER', $name) };
