@@ -202,8 +202,8 @@ for my $case ([ 'a wrong password', "user=credits password=$wrong",
     $ngx->stop;
 }
 
-my $out = `$bin --redis $addr --user credits --password $wrong \
-            balance acl 2>&1`;
+my $cmd = "$bin --redis $addr --user credits --password $wrong";
+my $out = `$cmd balance acl 2>&1`;
 my $rc = $? >> 8;
 is $rc, 3, 'creditsctl with a wrong password: exit 3';
 like $out, qr/WRONGPASS|AUTH/, 'creditsctl says the authentication failed';
