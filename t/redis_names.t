@@ -12,7 +12,6 @@ use lib 't/lib';
 use CreditsTest;
 use CreditsManaged;
 
-my $dir = test_dir();
 my $secret = 'names-secret-0123456789abcdef';
 write_file('hs.key', $secret);
 
@@ -22,24 +21,10 @@ my ($ra, $rb) = CreditsManaged::replicated_pair(
 my $dns = CreditsManaged::DNS->start('redis.test' => '127.0.0.2');
 my $up = CreditsTest::Upstream->start;
 
-my $ngx = CreditsTest::Nginx->new(upstream => $up, workers => 2,
-    vars => { DIR => $dir, DNS => $dns->addr, RPORT => $port },
-    http => <<'END')->start;
-    resolver %%DNS%% valid=1s ipv6=off;
+my $ngx = CreditsManaged::gateway(upstream => $up, workers => 2, price => 2,
+    redis => "resolver @{[ $dns->addr ]} valid=1s ipv6=off;
     resolver_timeout 1s;
-    credits_redis redis.test:%%RPORT%% timeout=500ms;
-    credits_jwt_key_file %%DIR%%/hs.key;
-    server {
-        listen 127.0.0.1:%%PORT%% backlog=512;
-        add_header X-Hold $credits_hold_id always;
-        location /ai {
-            credits on;
-            credits_price 2;
-            credits_route ai;
-            proxy_pass http://%%UPSTREAM%%;
-        }
-    }
-END
+    credits_redis redis.test:$port timeout=500ms;")->start;
 
 my $token = jwt_hs('HS256', $secret, { sub => 'names', exp => time + 600 });
 my $start = 1_000_000;

@@ -29,28 +29,8 @@ my %auth = (Authorization => 'Bearer '
 # a gateway whose Redis settings are $settings (credits_redis is http-level)
 sub gateway {
     my ($settings) = @_;
-    return CreditsTest::Nginx->new(upstream => $up, vars => { DIR => $dir },
-                                   http => <<"END");
-    $settings
-    credits_jwt_key_file %%DIR%%/hs.key;
-    server {
-        listen 127.0.0.1:%%PORT%%;
-        add_header X-Hold \$credits_hold_id always;
-        location /ai {
-            credits on;
-            credits_price 3;
-            credits_route ai;
-            proxy_pass http://%%UPSTREAM%%;
-        }
-        location /open {
-            credits on;
-            credits_price 3;
-            credits_route open;
-            credits_fail open;
-            proxy_pass http://%%UPSTREAM%%;
-        }
-    }
-END
+    return CreditsManaged::gateway(upstream => $up, redis => $settings,
+                                   price => 3);
 }
 
 sub balance { $_[0]->cmd('GET', 'credits:{tls}:balance') }

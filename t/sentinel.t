@@ -13,7 +13,6 @@ use lib 't/lib';
 use CreditsTest;
 use CreditsManaged;
 
-my $dir = test_dir();
 my $secret = 'sentinel-secret-0123456789abcdef';
 write_file('hs.key', $secret);
 
@@ -35,29 +34,9 @@ sub denied {
 my $up = CreditsTest::Upstream->start;
 
 sub gateway {
-    my ($settings, %o) = @_;
-    return CreditsTest::Nginx->new(upstream => $up, workers => 2,
-        vars => { DIR => $dir }, http => <<"END")->start;
-    credits_redis $settings timeout=500ms;
-    credits_jwt_key_file %%DIR%%/hs.key;
-    server {
-        listen 127.0.0.1:%%PORT%% backlog=512;
-        add_header X-Hold \$credits_hold_id always;
-        location /ai {
-            credits on;
-            credits_price 2;
-            credits_route ai;
-            proxy_pass http://%%UPSTREAM%%;
-        }
-        location /open {
-            credits on;
-            credits_price 2;
-            credits_route open;
-            credits_fail open;
-            proxy_pass http://%%UPSTREAM%%;
-        }
-    }
-END
+    my ($settings) = @_;
+    return CreditsManaged::gateway(upstream => $up, workers => 2, price => 2,
+        redis => "credits_redis $settings timeout=500ms;")->start;
 }
 
 my $token = jwt_hs('HS256', $secret, { sub => 'sent', exp => time + 600 });

@@ -109,6 +109,40 @@ sub documented_acl {
 }
 
 
+# A gateway (not started) in front of $o{upstream}, its Redis settings
+# $o{redis} (http level: credits_redis, credits_redis_ssl_*, resolver),
+# tokens signed with the test dir's hs.key: /ai charges $o{price}
+# (credits_fail closed), /open the same under credits_fail open; every
+# answer says its hold id in X-Hold.
+sub gateway {
+    my (%o) = @_;
+    my $price = $o{price} // 1;
+    return CreditsTest::Nginx->new(upstream => $o{upstream},
+        workers => $o{workers} || 1,
+        vars => { DIR => CreditsTest::test_dir() }, http => <<"END");
+    $o{redis}
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%% backlog=512;
+        add_header X-Hold \$credits_hold_id always;
+        location /ai {
+            credits on;
+            credits_price $price;
+            credits_route ai;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+        location /open {
+            credits on;
+            credits_price $price;
+            credits_route open;
+            credits_fail open;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+    }
+END
+}
+
+
 # ---- traffic and books -------------------------------------------------
 
 # traffic($ngx, path => '/ai', token => T, clients => 4, seconds => 6)
