@@ -3,7 +3,8 @@
 # port of two loopback addresses, B replicating A; under steady traffic
 # their roles swap (B REPLICAOF NO ONE, A REPLICAOF B: A answers READONLY
 # from then on) and the name moves to B.  Charging comes back within 5 s
-# without a reload, and the books are exact request by request.
+# without a reload, and the books are exact request by request.  Then
+# back to A, the name following 2 s after the roles: 5 s after it moved.
 use strict;
 use warnings;
 use Test::More;
@@ -58,6 +59,21 @@ ok $on_b > 0, "$on_b requests charged on B after the switch";
 
 books_exact('after the switch', $rb, 'names', $reqs, price => 2,
             start => $start);
+
+# back to A, and the name follows 2 s later (a DNS that lags the switch):
+# meanwhile B answers READONLY and the workers keep looking the name up
+$load = traffic($ngx, token => $token, clients => 3, seconds => 7);
+sleep 1;
+CreditsManaged::switch_over($rb, $ra,
+    promote => sub { $ra->cmd('REPLICAOF', 'NO', 'ONE') });
+sleep 2;
+my $t1 = time;
+$dns->set('redis.test' => '127.0.0.2');
+my $more = $load->finish;
+ok recovered($more, $t1, 5), 'charging is back within 5 s of the name moving';
+is_deeply [ sort $ngx->workers ], \@workers, 'still the same workers';
+books_exact('after the switch back', $ra, 'names', [ @$reqs, @$more ],
+            price => 2, start => $start);
 unlike $ngx->error_log, qr/\[alert\]|exited on signal/, 'no worker crashed';
 
 done_testing;
