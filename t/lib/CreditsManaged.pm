@@ -6,7 +6,7 @@ package CreditsManaged;
 # switch of a master to its replica, and traffic whose books are checked
 # request by request.  Every process started here is ended when the test
 # ends, however it ends: its END block, a signal, or (Linux) the test
-# process killed outright.
+# process killed outright (CreditsTest::die_with_parent).
 
 use strict;
 use warnings;
@@ -36,20 +36,12 @@ for my $sig (qw(INT TERM HUP)) {
     $SIG{$sig} = sub { exit 128 } if !$SIG{$sig} || $SIG{$sig} eq 'DEFAULT';
 }
 
-# In a child before exec: die with the test process (prctl
-# PR_SET_PDEATHSIG, SIGKILL), so that even a test killed with -9 leaves
-# no server behind.  The syscall's number is x86-64's.
-sub die_with_parent {
-    require Config;
-    syscall(157, 1, 9) if $Config::Config{archname} =~ /^x86_64/;
-}
-
 # forks $code (a command's argv, or a sub), its output to $log; its pid
 sub spawn {
     my ($log, @cmd) = @_;
     my $pid = fork // die "fork: $!";
     if ($pid == 0) {
-        die_with_parent();
+        CreditsTest::die_with_parent();
         $SIG{$_} = 'DEFAULT' for qw(INT TERM HUP);
         open STDOUT, '>>', $log or POSIX::_exit(127);
         open STDERR, '>&', \*STDOUT;
