@@ -132,11 +132,10 @@ ngx_http_credits_node_queue(ngx_http_credits_node_t *node, u_char *data,
     node->queued += len;
 
     /*
-     * Replies are overdue only once the connection is up (the connect
-     * has its own timer); a worker shutting down waits for the stall
-     * timer, never for one that a failing connect keeps setting.
+     * Not cancelable: a worker shutting down waits while commands wait
+     * for their replies, also for a connection still being made.
      */
-    if (node->nwaits == 1 && node->state == NGX_HTTP_CREDITS_REDIS_UP) {
+    if (node->nwaits == 1) {
         ngx_add_timer(&node->stall_timer,
                       node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }

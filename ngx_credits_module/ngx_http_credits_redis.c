@@ -442,12 +442,6 @@ ngx_http_credits_node_up(ngx_http_credits_node_t *node)
 
     node->state = NGX_HTTP_CREDITS_REDIS_UP;
 
-    /* the setup's replies are due: the stall timer starts now */
-    if (node->nwaits) {
-        ngx_add_timer(&node->stall_timer,
-                      node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
-    }
-
     ngx_log_error(NGX_LOG_INFO, node->log, 0,
                   "credits: redis %V: connected", &node->addr.name);
 

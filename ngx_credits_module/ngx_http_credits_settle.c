@@ -437,8 +437,16 @@ ngx_http_credits_resend_handler(ngx_event_t *ev)
         ngx_free(u);
     }
 
+    /*
+     * Resent settles may come back (a connection that fails after its
+     * connect): a worker shutting down keeps counting from its first
+     * try, so it gives up after "timeout" however often they come back.
+     */
     if (rs->count == 0) {
-        rs->exiting_since = 0;
+        if (!(ngx_exiting || ngx_quit || ngx_terminate)) {
+            rs->exiting_since = 0;
+        }
+
         return;
     }
 
