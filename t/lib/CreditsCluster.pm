@@ -103,14 +103,23 @@ sub keyslot {
     return $n->cmd('CLUSTER', 'KEYSLOT', $key);
 }
 
-# the port of the master serving the key
-sub owner {
-    my ($self, $key) = @_;
-    my $slot = $self->keyslot($key);
+# the port of the master serving the slot
+sub slot_owner {
+    my ($self, $slot) = @_;
     for (@{ $self->slots }) {
         return $_->[2] if $slot >= $_->[0] && $slot <= $_->[1];
     }
     return undef;
+}
+
+# the port of the master serving the key
+sub owner { $_[0]->slot_owner($_[0]->keyslot($_[1])) }
+
+# a command sent straight to the owner of its key ($args[1]): nothing
+# redirected, nothing counted by the nodes' errorstats
+sub owner_cmd {
+    my ($self, @args) = @_;
+    return $self->node_by_port($self->owner($args[1]))->cmd(@args);
 }
 
 # a command for the key's owner, following MOVED and ASK
@@ -269,6 +278,27 @@ sub share_200 {
     my ($r) = @_;
     return 0 unless @$r;
     return (grep { $_->{s} == 200 } @$r) / @$r;
+}
+
+# -- what a node saw: INFO errorstats and commandstats --------------------
+
+# { errors => { MOVED => n, ... }, calls => { evalsha => { calls => n,
+#   rejected_calls => n, failed_calls => n }, ... } } since CONFIG RESETSTAT
+sub stats {
+    my ($self, $port) = @_;
+    my $info = $self->node_by_port($port)->cmd('INFO', 'all');
+    my %s = (errors => {}, calls => {});
+    $s{errors}{$1} = $2 while $info =~ /^errorstat_(\w+):count=(\d+)/mg;
+    while ($info =~ /^cmdstat_([\w|]+):(\S+)/mg) {
+        my ($cmd, $f) = ($1, $2);
+        $s{calls}{$cmd} = { map { split /=/ } split /,/, $f };
+    }
+    return \%s;
+}
+
+sub reset_stats {
+    my ($self) = @_;
+    $_->cmd('CONFIG', 'RESETSTAT') for $self->live;
 }
 
 sub stop { $_->stop for $_[0]->nodes }
