@@ -329,6 +329,51 @@ for my $p (@pf) {
 ok $cluster->wait_ok(10), 'the cluster is ok';
 @masters = $cluster->masters;
 
+# -- a node that cannot serve for a while: LOADING, CLUSTERDOWN -----------
+
+# a project with 50 credits, known to both gateways: its books now
+sub outage_project {
+    my ($what, $p) = @_;
+    $cluster->cmd('SET', "credits:{$p}:balance", 50);
+    is status($_, $p), 200, "$what: a first request" for $g, $slow;
+    ok $cluster->settled($p), "$what: settled";
+    my ($b, $c) = audit($cluster, $p);
+    return { total => $b + $c, balance => $b, commits => $cluster->commits($p) };
+}
+
+# while the node answers $what: a request through the gateway that waits
+# 6 s, and two through the one that waits 1 s, failing closed and open
+# ($side runs beside them); [status, seconds] of each
+sub outage_requests {
+    my ($what, $p, $side) = @_;
+    my $res = parallel($side ? 4 : 3, sub {
+        my ($i) = @_;
+        return $side->() // '' if $i == 3;
+        my ($r, $t) = call($i ? $g : $slow, $p, $i == 2 ? '/open' : '/ai');
+        return "$r->{status} $t";
+    });
+    my @res = map { [split / /] } @$res[0 .. 2];
+    diag sprintf "$what: timeout=6s %d after %.2f s, timeout=1s %d after %.2f s, "
+               . 'fail open %d after %.2f s', map { @$_ } @res;
+    is $res[1][0], 503, "$what, timeout=1s: 503 (credits_fail closed)";
+    ok $res[1][1] >= 0.7, '... after asking again until a pause would pass timeout=';
+    is $res[2][0], 200, "$what, timeout=1s: 200 (credits_fail open)";
+    return @res;
+}
+
+# after it: the one 200 charged, exactly
+sub outage_books {
+    my ($what, $p, $before, $node) = @_;
+    my $log = $slow->error_log;
+    ok index($log, 'slot map from', index($log, "127.0.0.1:$node: $what")) > 0,
+        "the slot map refreshed after the $what reply";
+    ok $cluster->settled($p), "$what: settled";
+    my ($b, $c, $h) = audit($cluster, $p);
+    is $b + $c + $h, $before->{total}, "$what: the books are exact";
+    is $before->{balance} - $b, 2, "$what: only the 200 charged";
+    is $cluster->commits($p) - $before->{commits}, 1, "$what: one commit";
+}
+
 # -- LOADING: a master reloading its data ----------------------------------
 
 # DEBUG RELOAD on a connection of its own, its reply read later
@@ -346,11 +391,7 @@ $per = $cluster->projects_per_master('l');
 my $ml = first { $_ != $cluster->owner('credits:prices') } @masters;
 my $pl = $per->{$ml};
 my $node = $cluster->node_by_port($ml);
-$cluster->cmd('SET', "credits:{$pl}:balance", 50);
-is status($_, $pl), 200, 'LOADING: a first request' for $g, $slow;
-ok $cluster->settled($pl), 'LOADING: settled';
-my ($b0, $c0) = audit($cluster, $pl);
-my $n0 = $cluster->commits($pl);
+my $before = outage_project('LOADING', $pl);
 
 # 250 keys, 10 ms each: 2.5 s of LOADING, events served every 1 kB
 $cluster->replica_of($ml)->cmd('CONFIG', 'SET', 'cluster-replica-no-failover', 'yes');
@@ -363,35 +404,17 @@ $node->cmd('DEBUG', 'POPULATE', 250, $tag, 2000);
 my $reload = reload_start($ml);
 ok wait_for(sub { ($node->cmd('GET', "credits:{$pl}:balance") // '') =~ /^LOADING/ }, 5),
     'the master answers LOADING';
-$res = parallel(3, sub {
-    my ($i) = @_;
-    my ($r, $t) = call($i ? $g : $slow, $pl, $i == 2 ? '/open' : '/ai');
-    return "$r->{status} $t";
-});
-my $reloaded = <$reload>;
-is $reloaded, "+OK\r\n", 'DEBUG RELOAD done';
+my @res = outage_requests('LOADING', $pl);
+is $res[0][0], 200, 'LOADING, timeout=6s: 200 once loaded';
+is scalar(<$reload>), "+OK\r\n", 'DEBUG RELOAD done';
 $node->cmd('CONFIG', 'SET', 'key-load-delay', 0);
 $cluster->replica_of($ml)->cmd('CONFIG', 'SET', 'cluster-replica-no-failover', 'no');
 
-my @res = map { [split / /] } @$res;
-diag sprintf 'LOADING: timeout=6s %d after %.2f s, timeout=1s %d after %.2f s, '
-           . 'fail open %d after %.2f s', map { @$_ } @res;
-is $res[0][0], 200, 'LOADING, timeout=6s: 200 once loaded';
-is $res[1][0], 503, 'LOADING, timeout=1s: 503 (credits_fail closed)';
-ok $res[1][1] >= 0.7, '... after asking again until a pause would pass timeout=';
-is $res[2][0], 200, 'LOADING, timeout=1s: 200 (credits_fail open)';
 $log = $g->error_log;
 my @loading = $log =~ /127\.0\.0\.1:$ml: LOADING/g;
 ok @loading >= 2, scalar(@loading) . ' LOADING replies: asked again';
 like $log, qr/a node that cannot serve for \d+ms/, 'then the timeout: logged';
-$log = $slow->error_log;
-ok index($log, 'slot map from', index($log, "127.0.0.1:$ml: LOADING")) > 0,
-    'the slot map refreshed after the LOADING reply';
-ok $cluster->settled($pl), 'LOADING: settled';
-my ($b1, $c1, $h1) = audit($cluster, $pl);
-is $b1 + $c1 + $h1, $b0 + $c0, 'LOADING: the books are exact';
-is $b0 - $b1, 2, 'LOADING: only the 200 charged';
-is $cluster->commits($pl) - $n0, 1, 'LOADING: one commit';
+outage_books('LOADING', $pl, $before, $ml);
 
 # -- CLUSTERDOWN: full coverage required, a master killed ------------------
 
@@ -403,11 +426,7 @@ my $pd = $per->{$masters[0]};
 $heir = $cluster->replica_of($victim);
 $heir->cmd('CONFIG', 'SET', 'cluster-replica-no-failover', 'yes');
 $_->cmd('CONFIG', 'SET', 'cluster-require-full-coverage', 'yes') for $cluster->live;
-$cluster->cmd('SET', "credits:{$pd}:balance", 50);
-is status($_, $pd), 200, 'CLUSTERDOWN: a first request' for $g, $slow;
-ok $cluster->settled($pd), 'CLUSTERDOWN: settled';
-($b0, $c0) = audit($cluster, $pd);
-$n0 = $cluster->commits($pd);
+$before = outage_project('CLUSTERDOWN', $pd);
 
 $cluster->node_by_port($victim)->kill9;
 $node = $cluster->node_by_port($masters[0]);
@@ -415,35 +434,16 @@ ok wait_for(sub { ($node->cmd('GET', "credits:{$pd}:balance") // '') =~ /^CLUSTE
     'a live master answers CLUSTERDOWN';
 
 # the replica may take over 2 s later: timeout=6s outlasts the outage
-$res = parallel(4, sub {
-    my ($i) = @_;
-    if ($i == 3) {
-        sleep 2;
-        delete $heir->{sock};
-        $heir->cmd('CONFIG', 'SET', 'cluster-replica-no-failover', 'no');
-        return '';
-    }
-    my ($r, $t) = call($i ? $g : $slow, $pd, $i == 2 ? '/open' : '/ai');
-    return "$r->{status} $t";
+@res = outage_requests('CLUSTERDOWN', $pd, sub {
+    sleep 2;
+    delete $heir->{sock};
+    $heir->cmd('CONFIG', 'SET', 'cluster-replica-no-failover', 'no');
+    return;
 });
-@res = map { [split / /] } @$res[0 .. 2];
-diag sprintf 'CLUSTERDOWN: timeout=6s %d after %.2f s, timeout=1s %d after %.2f s, '
-           . 'fail open %d after %.2f s', map { @$_ } @res;
 is $res[0][0], 200, 'CLUSTERDOWN, timeout=6s: 200 once the replica took over';
 ok $res[0][1] >= 1.5, '... held back until then';
-is $res[1][0], 503, 'CLUSTERDOWN, timeout=1s: 503 (credits_fail closed)';
-ok $res[1][1] >= 0.7, '... after asking again until a pause would pass timeout=';
-is $res[2][0], 200, 'CLUSTERDOWN, timeout=1s: 200 (credits_fail open)';
 like $g->error_log, qr/127\.0\.0\.1:$masters[0]: CLUSTERDOWN/, 'CLUSTERDOWN logged';
-$log = $slow->error_log;
-ok index($log, 'slot map from', index($log, "127.0.0.1:$masters[0]: CLUSTERDOWN")) > 0,
-    'the slot map refreshed after the CLUSTERDOWN reply';
-
 ok $cluster->wait_ok(10), 'the cluster is ok again';
-ok $cluster->settled($pd), 'CLUSTERDOWN: settled';
-($b1, $c1, $h1) = audit($cluster, $pd);
-is $b1 + $c1 + $h1, $b0 + $c0, 'CLUSTERDOWN: the books are exact';
-is $b0 - $b1, 2, 'CLUSTERDOWN: only the 200 charged';
-is $cluster->commits($pd) - $n0, 1, 'CLUSTERDOWN: one commit';
+outage_books('CLUSTERDOWN', $pd, $before, $masters[0]);
 
 done_testing;
