@@ -218,7 +218,8 @@ typedef struct {
     u_char                     *event;        /* the event being read */
     size_t                      len;
     size_t                      line;         /* where its last line starts */
-    ngx_int_t                   data;         /* its data, a whole number */
+    size_t                      data;         /* its data, in event */
+    size_t                      data_len;
     ngx_uint_t                  data_lines;
     ngx_int_t                   cost;         /* the last cost reported */
     ngx_uint_t                  costs;        /* cost events read */

@@ -131,7 +131,12 @@ ngx_http_credits_node_queue(ngx_http_credits_node_t *node, u_char *data,
                      - node->out;
     node->queued += len;
 
-    if (node->nwaits == 1) {
+    /*
+     * Replies are overdue only once the connection is up (the connect
+     * has its own timer); a worker shutting down waits for the stall
+     * timer, never for one that a failing connect keeps setting.
+     */
+    if (node->nwaits == 1 && node->state == NGX_HTTP_CREDITS_REDIS_UP) {
         ngx_add_timer(&node->stall_timer,
                       node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
     }
@@ -264,6 +269,8 @@ ngx_http_credits_node_replies(ngx_http_credits_node_t *node)
             return NGX_OK;
         }
 
+        node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+
         if (node->nwaits == 0) {
             if (node->push) {
                 node->push(node, r, node->push_data);
@@ -281,7 +288,9 @@ ngx_http_credits_node_replies(ngx_http_credits_node_t *node)
             /* every reply is progress: the stall timer restarts or stops */
 
             if (--node->nwaits == 0) {
-                ngx_del_timer(&node->stall_timer);
+                if (node->stall_timer.timer_set) {
+                    ngx_del_timer(&node->stall_timer);
+                }
 
             } else {
                 ngx_add_timer(&node->stall_timer, node->conf->timeout

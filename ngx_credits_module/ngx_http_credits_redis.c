@@ -26,7 +26,6 @@
 #include "ngx_http_credits_redis.h"
 
 
-#define NGX_HTTP_CREDITS_BACKOFF_MIN       100
 #define NGX_HTTP_CREDITS_BACKOFF_MAX       5000
 
 
@@ -442,7 +441,12 @@ ngx_http_credits_node_up(ngx_http_credits_node_t *node)
     }
 
     node->state = NGX_HTTP_CREDITS_REDIS_UP;
-    node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+
+    /* the setup's replies are due: the stall timer starts now */
+    if (node->nwaits) {
+        ngx_add_timer(&node->stall_timer,
+                      node->conf->timeout * NGX_HTTP_CREDITS_STALL_FACTOR);
+    }
 
     ngx_log_error(NGX_LOG_INFO, node->log, 0,
                   "credits: redis %V: connected", &node->addr.name);

@@ -26,6 +26,10 @@
  */
 #define NGX_HTTP_CREDITS_STALL_FACTOR      3
 
+/* a connection is good once Redis has answered on it (a TLS 1.3 server
+ * refuses a client certificate only after the handshake) */
+#define NGX_HTTP_CREDITS_BACKOFF_MIN       100
+
 
 /* a reply awaited: for the router's command, or for a handler */
 typedef struct {

@@ -304,7 +304,10 @@ ngx_http_credits_redis_postconf(ngx_conf_t *cf,
      * when "resolver" is not set */
     if (clcf->resolver && clcf->resolver->connections.nelts) {
         rc->resolver = clcf->resolver;
-        rc->resolver_timeout = clcf->resolver_timeout;
+
+        /* unset at the http level unless given there: nginx's default */
+        rc->resolver_timeout = (clcf->resolver_timeout == NGX_CONF_UNSET_MSEC)
+                               ? 30000 : clcf->resolver_timeout;
     }
 
     addr = rc->addrs->elts;

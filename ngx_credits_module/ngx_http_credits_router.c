@@ -186,8 +186,11 @@ ngx_http_credits_redis_state(void)
 {
     ngx_http_credits_router_t  *rt = ngx_http_credits_router;
 
-    if (rt->nnodes == 0) {
-        return NGX_HTTP_CREDITS_REDIS_DOWN;     /* no sentinel answered yet */
+    /* the sentinels are being asked: a command waits, within timeout= */
+    if (rt->sentinel) {
+        return (rt->nnodes && ngx_http_credits_node_state(rt->nodes[0])
+                              == NGX_HTTP_CREDITS_REDIS_UP)
+               ? NGX_HTTP_CREDITS_REDIS_UP : NGX_HTTP_CREDITS_REDIS_CONNECTING;
     }
 
     switch (rt->mode) {
@@ -286,12 +289,15 @@ ngx_http_credits_redis_command(ngx_str_t *key,
         return NGX_OK;
     }
 
-    if (ngx_http_credits_router->mode != NGX_HTTP_CREDITS_MODE_CLUSTER) {
+    if (ngx_http_credits_router->mode != NGX_HTTP_CREDITS_MODE_CLUSTER
+        && ngx_http_credits_router->sentinel == NULL)
+    {
         ngx_free(cmd);
         return NGX_DECLINED;
     }
 
-    /* a cluster node is down, or its slot has no master yet: wait */
+    /* a cluster node is down, its slot has no master yet, or the
+     * sentinels are naming a master: wait */
     ngx_http_credits_router_refresh(NULL);
     ngx_http_credits_router_pause(cmd, NULL);
 
@@ -386,7 +392,9 @@ ngx_http_credits_router_reply(ngx_http_credits_node_t *node,
     }
 
     if (reply == NULL) {
-        if (!sent && rt->mode == NGX_HTTP_CREDITS_MODE_CLUSTER) {
+        if (!sent && (rt->mode == NGX_HTTP_CREDITS_MODE_CLUSTER
+                      || rt->sentinel))
+        {
             cmd->node = NULL;
             cmd->asking = 0;
             ngx_http_credits_router_pause(cmd, "node unavailable");

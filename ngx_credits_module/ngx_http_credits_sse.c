@@ -27,8 +27,11 @@
 #define NGX_HTTP_CREDITS_SSE_EVENT_MAX  4096
 
 
-static u_char *ngx_http_credits_sse_byte(ngx_http_credits_sse_t *sse,
-    u_char c, u_char *out);
+static u_char *ngx_http_credits_sse_eol(u_char *p, u_char *last);
+static ngx_inline u_char *ngx_http_credits_sse_byte(
+    ngx_http_credits_sse_t *sse, u_char c, u_char *out);
+static u_char *ngx_http_credits_sse_span(ngx_http_credits_sse_t *sse,
+    u_char *p, u_char *last, u_char *out);
 static void ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse,
     u_char *p, u_char *last);
 static u_char *ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse,
@@ -65,10 +68,24 @@ u_char *
 ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last, u_char *out, ngx_uint_t last_buf)
 {
-    u_char  c;
+    u_char  c, *q;
 
-    for ( /* void */ ; p < last; p++) {
+    while (p < last) {
         c = *p;
+
+        if (c != '\r' && c != '\n') {
+            /* the line up to its end (or the buffer's), in one piece */
+            q = ngx_http_credits_sse_eol(p + 1, last);
+
+            out = ngx_http_credits_sse_span(sse, p, q, out);
+            sse->ended = 0;
+            sse->cr = 0;
+            sse->empty = 0;
+            p = q;
+            continue;
+        }
+
+        p++;
 
         if (c == '\n' && sse->cr) {
             /* the LF of a CR LF: the line ended at the CR */
@@ -94,11 +111,6 @@ ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
 
         out = ngx_http_credits_sse_byte(sse, c, out);
 
-        if (c != '\r' && c != '\n') {
-            sse->empty = 0;
-            continue;
-        }
-
         if (sse->empty) {
             out = ngx_http_credits_sse_end(sse, out);
             continue;
@@ -123,29 +135,71 @@ ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
 }
 
 
-/* a byte of the event being read, kept back unless the event passes */
+/*
+ * Where a line ends: the first CR or LF, or "last".  Two memchr() passes
+ * (vectorized in libc) instead of a test per byte: a stream's lines are
+ * long and nearly all end with LF alone.
+ */
 
 static u_char *
+ngx_http_credits_sse_eol(u_char *p, u_char *last)
+{
+    u_char  *lf, *cr;
+
+    lf = memchr(p, '\n', last - p);
+
+    if (lf == NULL) {
+        lf = last;
+    }
+
+    cr = memchr(p, '\r', lf - p);
+
+    return cr ? cr : lf;
+}
+
+
+/* a line end's byte, as a span of one */
+
+static ngx_inline u_char *
 ngx_http_credits_sse_byte(ngx_http_credits_sse_t *sse, u_char c, u_char *out)
 {
-    if (sse->passing) {
-        *out++ = c;
+    if (!sse->passing && sse->len < NGX_HTTP_CREDITS_SSE_EVENT_MAX) {
+        sse->event[sse->len++] = c;
         return out;
     }
 
-    if (sse->len == NGX_HTTP_CREDITS_SSE_EVENT_MAX) {
+    return ngx_http_credits_sse_span(sse, &c, &c + 1, out);
+}
+
+
+/* bytes of the event being read, kept back unless the event passes */
+
+static u_char *
+ngx_http_credits_sse_span(ngx_http_credits_sse_t *sse, u_char *p,
+    u_char *last, u_char *out)
+{
+    size_t  n;
+
+    if (!sse->passing) {
+        n = ngx_min((size_t) (last - p),
+                    NGX_HTTP_CREDITS_SSE_EVENT_MAX - sse->len);
+
+        ngx_memcpy(sse->event + sse->len, p, n);
+        sse->len += n;
+        p += n;
+
+        if (p == last) {
+            return out;
+        }
+
         /* too long for a cost event: it passes as it comes */
         out = ngx_cpymem(out, sse->event, sse->len);
         sse->len = 0;
         sse->line = 0;
         sse->passing = 1;
-        *out++ = c;
-        return out;
     }
 
-    sse->event[sse->len++] = c;
-
-    return out;
+    return ngx_cpymem(out, p, last - p);
 }
 
 
@@ -155,8 +209,7 @@ static void
 ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last)
 {
-    u_char     *colon, *value;
-    ngx_int_t   n;
+    u_char  *colon, *value;
 
     if (p == last || *p == ':') {
         return;
@@ -173,20 +226,19 @@ ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *p,
         colon = last;
     }
 
-    if (colon - p == 5 && ngx_strncmp(p, "event", 5) == 0) {
+    if (colon - p == 5 && ngx_memcmp(p, "event", 5) == 0) {
         sse->is_cost = ((size_t) (last - value) == sse->name.len
-                        && ngx_strncmp(value, sse->name.data,
-                                       sse->name.len) == 0);
+                        && ngx_memcmp(value, sse->name.data,
+                                      sse->name.len) == 0);
         return;
     }
 
-    if (colon - p == 4 && ngx_strncmp(p, "data", 4) == 0) {
-        /* several data lines join with LF: never a whole number */
-        n = (sse->data_lines++ == 0)
-            ? ngx_http_credits_parse_amount(value, last - value)
-            : NGX_ERROR;
-
-        sse->data = n;
+    /* read when the event ends, and only if it is a cost event */
+    if (colon - p == 4 && ngx_memcmp(p, "data", 4) == 0
+        && sse->data_lines++ == 0)
+    {
+        sse->data = value - sse->event;
+        sse->data_len = last - value;
     }
 }
 
@@ -196,6 +248,8 @@ ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *p,
 static u_char *
 ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse, u_char *out)
 {
+    ngx_int_t  n;
+
     sse->ended = NGX_HTTP_CREDITS_SSE_KEPT;
 
     if (sse->passing) {
@@ -204,8 +258,14 @@ ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse, u_char *out)
     } else if (sse->is_cost) {
         sse->ended = NGX_HTTP_CREDITS_SSE_DROPPED;
 
-        if (sse->data_lines == 1 && sse->data != NGX_ERROR) {
-            sse->cost = sse->data;
+        /* several data lines join with LF: never a whole number */
+        n = (sse->data_lines == 1)
+            ? ngx_http_credits_parse_amount(sse->event + sse->data,
+                                            sse->data_len)
+            : NGX_ERROR;
+
+        if (n != NGX_ERROR) {
+            sse->cost = n;
             sse->costs++;
 
         } else {

@@ -51,6 +51,14 @@ sub free_port {
     return $port;
 }
 
+# In a child that becomes a server: die with the test process (prctl
+# PR_SET_PDEATHSIG, SIGKILL), so that even a test killed outright (-9, a
+# closed pipe) leaves no server behind.  The syscall's number is x86-64's.
+sub die_with_parent {
+    require Config;
+    syscall(157, 1, 9) if $Config::Config{archname} =~ /^x86_64/;
+}
+
 sub slurp {
     my ($path) = @_;
     open my $f, '<', $path or return '';
@@ -322,8 +330,9 @@ use Time::HiRes qw(sleep);
 sub start {
     my ($class, %o) = @_;
     my $self = bless { port => $o{port} || CreditsTest::free_port(),
+                       host => $o{host} || '127.0.0.1',
                        dir => CreditsTest::test_dir(), aof => $o{aof},
-                       args => $o{args} || [] }, $class;
+                       auth => $o{auth}, args => $o{args} || [] }, $class;
     $self->start_again;
     return $self;
 }
@@ -332,9 +341,11 @@ sub start_again {
     my ($self) = @_;
     my $pid = fork // die "fork: $!";
     if ($pid == 0) {
+        CreditsTest::die_with_parent();
         open STDOUT, '>>', "$self->{dir}/redis.log";
         open STDERR, '>&', \*STDOUT;
-        { exec 'redis-server', '--port', $self->{port}, '--bind', '127.0.0.1',
+        { exec 'redis-server', '--port', $self->{port},
+               '--bind', $self->{host},
                '--save', '', '--appendonly', 'no', '--dir', $self->{dir},
                '--daemonize', 'no', '--enable-debug-command', 'yes',
                ($self->{aof} ? ('--appendonly', 'yes', '--appendfsync', 'always')
@@ -353,7 +364,8 @@ sub start_again {
 }
 
 sub port { $_[0]->{port} }
-sub addr { "127.0.0.1:$_[0]->{port}" }
+sub host { $_[0]->{host} // '127.0.0.1' }
+sub addr { $_[0]->host . ":$_[0]->{port}" }
 
 sub kill9 {
     my ($self) = @_;
@@ -375,17 +387,35 @@ sub stop {
 sub cmd {
     my ($self, @args) = @_;
     for my $try (1 .. 2) {
-        $self->{sock} ||= IO::Socket::INET->new(
-            PeerAddr => '127.0.0.1', PeerPort => $self->{port},
-            Proto => 'tcp', Timeout => 5) or die "redis connect: $!";
-        my $req = '*' . @args . "\r\n";
-        $req .= '$' . length($_) . "\r\n$_\r\n" for @args;
-        my $ok = print { $self->{sock} } $req;
+        $self->connect unless $self->{sock};
+        my $ok = print { $self->{sock} } resp(@args);
         my $reply = $ok ? eval { $self->read_reply } : undef;
         return $reply if $ok && !$@;
         delete $self->{sock};
         die "redis: $@" if $try == 2;
     }
+}
+
+sub resp {
+    my $req = '*' . @_ . "\r\n";
+    $req .= '$' . length($_) . "\r\n$_\r\n" for @_;
+    return $req;
+}
+
+# a new connection, authenticated when the server wants it (auth =>
+# [user, password] or [password])
+sub connect {
+    my ($self) = @_;
+    my $sock = IO::Socket::INET->new(
+        PeerAddr => $self->host, PeerPort => $self->{port},
+        Proto => 'tcp', Timeout => 5) or die "redis connect: $!";
+    $self->{sock} = $sock;
+    return unless $self->{auth};
+    print $sock resp('AUTH', @{ $self->{auth} });
+    my $r = eval { $self->read_reply };
+    return if defined $r && !ref $r;
+    delete $self->{sock};
+    die "redis AUTH: " . ($r // $@) . "\n";
 }
 
 sub read_line {
@@ -450,6 +480,7 @@ sub start {
 
     my $pid = fork // die "fork: $!";
     if ($pid == 0) {
+        CreditsTest::die_with_parent();
         $SIG{CHLD} = 'IGNORE';
         while (1) {
             my $c = $listen->accept or next;
