@@ -501,12 +501,19 @@ ngx_http_credits_router_redirect(ngx_http_credits_node_t *node,
     }
 
     if (ngx_http_credits_is("TRYAGAIN")) {
-        /* a script's keys are half migrated: the source asks again */
+        /*
+         * A script's keys are half migrated: the source has some of
+         * them, or the target, after ASK, not all of them yet (a
+         * project without an open hold has no holds key).  Asked again
+         * until the migration moves on: a wait that timeout= bounds,
+         * not a redirection loop, so the hops start over.
+         */
         ngx_log_error(NGX_LOG_INFO, rt->log, 0, "credits: redis %V: %V",
                       &ngx_http_credits_node_addr(node)->name, &err);
 
         cmd->node = NULL;
         cmd->asking = 0;
+        cmd->hops = 0;
         ngx_http_credits_router_pause(cmd, "a slot migrating");
         return NGX_OK;
     }

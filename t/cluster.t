@@ -5,7 +5,6 @@
 use strict;
 use warnings;
 use Test::More;
-use POSIX ();
 use Time::HiRes qw(sleep time);
 use lib 't/lib';
 use CreditsTest;
@@ -52,15 +51,9 @@ sub get {
     my ($n, $p) = @_;
     return $n->get('/ai', Authorization => 'Bearer ' . token($p));
 }
-sub balance { $cluster->cmd('GET', "credits:{$_[0]}:balance") // 0 }
-sub settled {
-    my ($p) = @_;
-    return wait_for(sub { $cluster->cmd('ZCARD', "credits:{$p}:holds") == 0 }, 5);
-}
-sub commits {
-    my ($p) = @_;
-    return scalar grep { $_->{outcome} eq 'commit' } @{ ledger($cluster, $p) };
-}
+sub balance { $cluster->balance(@_) }
+sub settled { $cluster->settled(@_) }
+sub commits { $cluster->commits(@_) }
 
 # -- every master's projects, charged exactly -----------------------------
 
@@ -168,55 +161,16 @@ is $rc, 0, 'creditsctl price on the cluster';
 is $cluster->cmd('HGET', 'credits:prices', 'other'), 9, 'the price is on the owner';
 ctl($masters[0], 'price', 'other', '--unset');
 
-# -- load: clients cycling over projects, a line per request --------------
+# -- load: clients cycling over projects ----------------------------------
 
-# forks $n clients running until $stop exists; returns their pids
 sub load_start {
     my ($n, $projects, $out) = @_;
-    my @pids;
-    for my $i (0 .. $n - 1) {
-        my $pid = fork // die "fork: $!";
-        if ($pid == 0) {
-            open my $f, '>', "$out.$i" or POSIX::_exit(1);
-            $f->autoflush(1);
-            my $k = $i;
-            until (-e "$out.stop") {
-                my $p = $projects->[$k++ % @$projects];
-                my $t = time;
-                my $r = get($ngx, $p);
-                print $f join(' ', $t, $p, $r->{status}), "\n";
-            }
-            close $f;
-            POSIX::_exit(0);
-        }
-        push @pids, $pid;
-    }
-    return \@pids;
+    return CreditsCluster::load_start($n, $projects, $out,
+                                      sub { get($ngx, $_[0]) });
 }
-
-sub load_read {
-    my ($n, $out) = @_;
-    my @r;
-    for my $i (0 .. $n - 1) {
-        for (split /\n/, slurp("$out.$i")) {
-            my ($t, $p, $s) = split / /;
-            push @r, { t => $t, p => $p, s => $s };
-        }
-    }
-    return [ sort { $a->{t} <=> $b->{t} } @r ];
-}
-
-sub load_stop {
-    my ($pids, $out) = @_;
-    write_file("$out.stop" =~ s{.*/}{}r, '');
-    waitpid $_, 0 for @$pids;
-}
-
-sub share_200 {
-    my ($r) = @_;
-    return 0 unless @$r;
-    return (grep { $_->{s} == 200 } @$r) / @$r;
-}
+*load_read = \&CreditsCluster::load_read;
+*load_stop = \&CreditsCluster::load_stop;
+*share_200 = \&CreditsCluster::share_200;
 
 # -- a busy project's slot migrates under 4 clients -----------------------
 
@@ -227,32 +181,16 @@ my $start_commits = commits($mig);
 my ($b0, $c0) = audit($cluster, $mig);
 
 my $slot = $cluster->keyslot("credits:{$mig}:balance");
-my $src = $cluster->node_by_port($masters[0]);
-my $dst = $cluster->node_by_port($masters[1]);
-my $src_id = $src->cmd('CLUSTER', 'MYID');
-my $dst_id = $dst->cmd('CLUSTER', 'MYID');
 
 my $out = "$dir/mig";
 my $pids = load_start(4, [$mig], $out);
 sleep 1;
-is $dst->cmd('CLUSTER', 'SETSLOT', $slot, 'IMPORTING', $src_id), 'OK',
-    'target importing';
-is $src->cmd('CLUSTER', 'SETSLOT', $slot, 'MIGRATING', $dst_id), 'OK',
-    'source migrating';
-my $moved = 0;
-while (1) {
-    my $keys = $src->cmd('CLUSTER', 'GETKEYSINSLOT', $slot, 10);
-    last unless @$keys;
-    for my $k (@$keys) {
-        my $r = $src->cmd('MIGRATE', '127.0.0.1', $dst->port, $k, 0, 5000);
-        $moved++ if "$r" eq 'OK';
-        sleep 0.2;    # the clients meet the slot half migrated
-    }
-}
+ok $cluster->migrating($slot, $masters[0], $masters[1]),
+    'target importing, source migrating';
+# 0.2 s between keys: the clients meet the slot half migrated
+my $moved = $cluster->migrate_keys($slot, $masters[0], $masters[1], 0.2);
 ok $moved >= 2, "$moved keys migrated one by one";
-for my $n ($dst, $src, $cluster->node_by_port($masters[2])) {
-    $n->cmd('CLUSTER', 'SETSLOT', $slot, 'NODE', $dst_id);
-}
+$cluster->assign($slot, $masters[1]);
 sleep 1.5;
 load_stop($pids, $out);
 
@@ -290,10 +228,7 @@ for my $p ($victim, @others) {
 
 # its replica: the node whose master is the victim
 my $victim_node = $cluster->node_by_port($victim_port);
-my $victim_id = $victim_node->cmd('CLUSTER', 'MYID');
-my ($heir) = grep {
-    ($_->cmd('INFO', 'replication') // '') =~ /master_port:$victim_port\b/
-} grep { $_ != $victim_node } $cluster->live;
+my $heir = $cluster->replica_of($victim_port);
 ok $heir, 'the victim has a replica';
 
 $out = "$dir/kill";
