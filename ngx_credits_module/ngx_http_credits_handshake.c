@@ -266,6 +266,21 @@ ngx_http_credits_node_setup_reply(ngx_http_credits_node_t *node,
 
     ngx_http_credits_reply_error(reply, &err);
 
+    /*
+     * A Redis loading its data refuses the scripts too: the commands
+     * behind them are refused alike and retried by the router, and a
+     * script missing later is loaded on NOSCRIPT.  Closing would lose
+     * their replies, and with them whether they ran.
+     */
+    if (ngx_strcmp(data, "SCRIPT LOAD") == 0
+        && err.len >= 7 && ngx_strncmp(err.data, "LOADING", 7) == 0)
+    {
+        ngx_log_error(NGX_LOG_WARN, node->log, 0,
+                      "credits: redis %V: %s: %V",
+                      &node->addr.name, (char *) data, &err);
+        return;
+    }
+
     ngx_log_error(NGX_LOG_ERR, node->log, 0,
                   "credits: redis %V: %s failed: %V",
                   &node->addr.name, (char *) data, &err);
