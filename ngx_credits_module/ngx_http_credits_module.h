@@ -330,12 +330,10 @@ ngx_int_t ngx_http_credits_jwt_decode_json(ngx_str_t *segment,
     ngx_pool_t *pool, struct json_t **json);
 
 /* verified-token cache */
-ngx_int_t ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n,
-    u_char *digest);
 ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
-    u_char *digest, time_t now, ngx_pool_t *pool, ngx_str_t *project);
+    ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project);
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
-    u_char *digest, time_t now, double exp, ngx_str_t *project);
+    ngx_str_t *token, time_t now, double exp, ngx_str_t *project);
 
 /* redis router: the nodes, the cluster's slot map, redirections */
 char *ngx_http_credits_redis_parse_addr(ngx_conf_t *cf, ngx_str_t *url,

@@ -6,6 +6,7 @@ use warnings;
 use Test::More;
 use lib 't/lib';
 use CreditsTest;
+use MIME::Base64 ();
 
 my $dir = test_dir();
 my ($rsa, $rsa_pub) = gen_rsa_key($dir);
@@ -121,6 +122,18 @@ is $evictions, 0, 'nothing evicted yet';
 my ($h, $p, $s) = split /\./, $t1;
 is status_of('/small', "$h.$p." . b64url('forged' x 6)), 401,
     'same claims, another signature: verified, not a cache hit';
+
+# the cache finds an entry by a hash of the token's end (its signature):
+# a token of the same length and signature but other claims shares the
+# cached token's bucket and hash, and must fail the full compare
+(my $claims_twin = MIME::Base64::decode_base64url($p)) =~ s/"one"/"onf"/ or die;
+my $twin = "$h." . b64url($claims_twin) . ".$s";
+is length($twin), length($t1), 'the twin token has the cached one\'s length';
+$mark = length $ngx->error_log;
+is status_of('/small', $twin), 401,
+    'same length and signature, other claims: verified and refused';
+($hits) = cache_log($mark);
+is $hits, 0, 'the twin token was not a cache hit';
 
 $mark = length $ngx->error_log;
 is status_of('/small', $t3), '200 three', 'a third token';
