@@ -24,6 +24,9 @@
 /* the bytes of the token's end that are hashed: see the hash below */
 #define NGX_HTTP_CREDITS_HASHED_TAIL    32
 
+/* the first buckets; they double as entries come */
+#define NGX_HTTP_CREDITS_JWT_BUCKETS    64
+
 
 typedef struct ngx_http_credits_jwt_entry_s  ngx_http_credits_jwt_entry_t;
 
@@ -39,16 +42,19 @@ struct ngx_http_credits_jwt_entry_s {
 
 
 struct ngx_http_credits_jwt_cache_s {
+    ngx_http_credits_jwt_entry_t  **buckets;
     ngx_uint_t                      mask;      /* buckets - 1 */
-    ngx_uint_t                      room;      /* entries still allowed */
+    ngx_uint_t                      count;
+    ngx_uint_t                      size;      /* entries at most */
     ngx_queue_t                     lru;       /* most recent first */
-    ngx_http_credits_jwt_entry_t   *buckets[1];
 };
 
 
 static uint32_t ngx_http_credits_jwt_cache_hash(ngx_str_t *token);
 static ngx_http_credits_jwt_cache_t *ngx_http_credits_jwt_cache_create(
     ngx_uint_t size);
+static void ngx_http_credits_jwt_cache_grow(
+    ngx_http_credits_jwt_cache_t *cache);
 static ngx_http_credits_jwt_entry_t **ngx_http_credits_jwt_cache_find(
     ngx_http_credits_jwt_cache_t *cache, ngx_str_t *token, uint32_t hash);
 static void ngx_http_credits_jwt_cache_remove(
@@ -145,7 +151,7 @@ ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
         return;
     }
 
-    if (cache->room == 0) {
+    if (cache->count == cache->size) {
         q = ngx_queue_last(&cache->lru);
         e = ngx_queue_data(q, ngx_http_credits_jwt_entry_t, lru);
 
@@ -180,37 +186,79 @@ ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
     *ep = e;
 
     ngx_queue_insert_head(&cache->lru, &e->lru);
-    cache->room--;
+
+    if (++cache->count > cache->mask + 1) {
+        ngx_http_credits_jwt_cache_grow(cache);
+    }
 }
 
 
 /*
- * The buckets are allocated in the worker, on first use, and so are the
- * entries as tokens come: the cache holds at most "size" tokens of at most
+ * Allocated in the worker, on first use, and so are the entries as tokens
+ * come: the cache holds at most "size" tokens of at most
  * NGX_HTTP_CREDITS_TOKEN_MAX bytes.  Freed when the worker exits.
  */
 
 static ngx_http_credits_jwt_cache_t *
 ngx_http_credits_jwt_cache_create(ngx_uint_t size)
 {
-    ngx_uint_t                     n;
     ngx_http_credits_jwt_cache_t  *cache;
 
-    /* at most one entry per bucket on average */
-    for (n = 1; n < size; n <<= 1) { /* void */ }
-
-    cache = ngx_calloc(sizeof(ngx_http_credits_jwt_cache_t)
-                       + (n - 1) * sizeof(ngx_http_credits_jwt_entry_t *),
-                       ngx_cycle->log);
+    cache = ngx_calloc(sizeof(ngx_http_credits_jwt_cache_t), ngx_cycle->log);
     if (cache == NULL) {
         return NULL;
     }
 
-    cache->mask = n - 1;
-    cache->room = size;
+    cache->buckets = ngx_calloc(NGX_HTTP_CREDITS_JWT_BUCKETS
+                                * sizeof(ngx_http_credits_jwt_entry_t *),
+                                ngx_cycle->log);
+    if (cache->buckets == NULL) {
+        ngx_free(cache);
+        return NULL;
+    }
+
+    cache->mask = NGX_HTTP_CREDITS_JWT_BUCKETS - 1;
+    cache->size = size;
     ngx_queue_init(&cache->lru);
 
     return cache;
+}
+
+
+/*
+ * Twice the buckets once there are more entries than buckets: a cache
+ * that a few tokens use stays small, a full one has about one entry per
+ * bucket.  Without memory for more, the buckets only get longer.
+ */
+
+static void
+ngx_http_credits_jwt_cache_grow(ngx_http_credits_jwt_cache_t *cache)
+{
+    ngx_uint_t                      n;
+    ngx_queue_t                    *q;
+    ngx_http_credits_jwt_entry_t   *e, **buckets, **ep;
+
+    n = (cache->mask + 1) * 2;
+
+    buckets = ngx_calloc(n * sizeof(ngx_http_credits_jwt_entry_t *),
+                         ngx_cycle->log);
+    if (buckets == NULL) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&cache->lru);
+         q != ngx_queue_sentinel(&cache->lru);
+         q = ngx_queue_next(q))
+    {
+        e = ngx_queue_data(q, ngx_http_credits_jwt_entry_t, lru);
+        ep = &buckets[e->hash & (n - 1)];
+        e->next = *ep;
+        *ep = e;
+    }
+
+    ngx_free(cache->buckets);
+    cache->buckets = buckets;
+    cache->mask = n - 1;
 }
 
 
@@ -249,5 +297,5 @@ ngx_http_credits_jwt_cache_remove(ngx_http_credits_jwt_cache_t *cache,
     ngx_queue_remove(&e->lru);
     ngx_free(e);
 
-    cache->room++;
+    cache->count--;
 }

@@ -50,6 +50,11 @@ my $ngx = CreditsTest::Nginx->new(upstream => $up, log_level => 'debug',
             credits_jwt_cache_size 0;
             proxy_pass http://%%UPSTREAM%%;
         }
+        location /default {
+            credits on;
+            credits_jwt_key_file $hs;
+            proxy_pass http://%%UPSTREAM%%;
+        }
     }
 END
 $ngx->start;
@@ -148,6 +153,20 @@ is status_of('/nocache', $t1), '200 one', 'cache size 0';
 is status_of('/nocache', $t1), '200 one', 'cache size 0 again';
 ($hits) = cache_log($mark);
 is $hits, 0, 'credits_jwt_cache_size 0 disables the cache';
+
+# the default cache starts with few buckets and doubles them as tokens
+# come: 300 tokens, then each again, all served from the cache
+my @many = map { jwt_hs('HS256', 'a-secret-of-enough-length-0123456789',
+                        { sub => "p$_", exp => time + 600 }) } 1 .. 300;
+my @first = map { status_of('/default', $_) } @many;
+$mark = length $ngx->error_log;
+my @again = map { status_of('/default', $_) } @many;
+is_deeply \@again, [map { "200 p$_" } 1 .. 300],
+    '300 tokens again: each its own project';
+is_deeply \@first, \@again, 'as the first time';
+($hits, $evictions) = cache_log($mark);
+is $hits, 300, 'the default cache held all 300 as it grew';
+is $evictions, 0, 'nothing evicted';
 
 my $short = jwt_hs('HS256', 'a-secret-of-enough-length-0123456789',
                    { sub => 'brief', exp => time + 2 });
