@@ -335,6 +335,11 @@ ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
     ngx_str_t *token, time_t now, double exp, ngx_str_t *project);
 
+/* replies of a node's redisReader in a pool of its own */
+redisReader *ngx_http_credits_reply_reader(ngx_log_t *log);
+void ngx_http_credits_reply_reader_free(redisReader *reader);
+void ngx_http_credits_reply_free(void *reply);
+
 /* redis router: the nodes, the cluster's slot map, redirections */
 char *ngx_http_credits_redis_parse_addr(ngx_conf_t *cf, ngx_str_t *url,
     ngx_http_credits_redis_addr_t *addr);
