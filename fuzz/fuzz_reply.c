@@ -6,7 +6,10 @@
  * the batch splitter and the hold, settle and prices parsers the module
  * uses.  The same bytes, fed in pieces, go to a reader whose replies live
  * in a pool (ngx_http_credits_reply.c): each of its replies must equal
- * hiredis's own, and it must stop where hiredis stops.
+ * hiredis's own, and it must stop where hiredis stops.  For inputs of an
+ * odd size its first reply is kept while the others are read and freed,
+ * and past the reader's end (as when a handler closes the connection): it
+ * must stay intact.
  */
 
 #include "fuzz_common.h"
@@ -95,7 +98,7 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     int           rc1, rc2;
-    void         *r, *o;
+    void         *r, *o, *first, *first_pooled;
     size_t        fed;
     ngx_int_t     rc, balance;
     ngx_pool_t   *pool;
@@ -122,6 +125,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     redisReaderFeed(reader, (const char *) data, size);
     fed = 0;
+    first = NULL;
+    first_pooled = NULL;
 
     while ((rc1 = redisReaderGetReply(reader, &r)) == REDIS_OK && r != NULL) {
 
@@ -131,7 +136,14 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             __builtin_trap();
         }
 
-        freeReplyObject(r);
+        /* odd sizes only: even ones see the pool reset after each reply */
+        if (first == NULL && (size & 1)) {
+            first = r;
+            first_pooled = o;
+
+        } else {
+            freeReplyObject(r);
+        }
 
         /* the module parses the pooled replies */
         reply = o;
@@ -164,7 +176,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             ngx_destroy_pool(pool);
         }
 
-        ngx_http_credits_reply_free(reply);
+        if (reply != first_pooled) {
+            ngx_http_credits_reply_free(reply);
+        }
     }
 
     /* both fail, or both wait for more bytes */
@@ -176,8 +190,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     redisReaderFree(reader);
 
-    /* a reply it was still reading goes with it */
+    /* a reply it was still reading goes with it, the first one stays */
     ngx_http_credits_reply_reader_free(pooled);
+
+    if (first) {
+        if (!fuzz_same(first, first_pooled)) {
+            __builtin_trap();
+        }
+
+        freeReplyObject(first);
+        ngx_http_credits_reply_free(first_pooled);
+    }
 
     return 0;
 }

@@ -8,12 +8,12 @@
  * allocator cost more than parsing the reply.  Here an element is a bump
  * of the pool, and freeing the reply resets the pool.
  *
- * That needs what the reader guarantees: it builds one reply at a time and
- * hands it out whole, so a reply is freed before the next one is begun (a
- * reply partly read when the reader is freed or fails is freed by the
- * reader, through the same function).  A reply must be freed with
- * ngx_http_credits_reply_free(), never freeReplyObject(), and before the
- * reader is asked for the next.
+ * The pool is reset once no reply in it is left: a connection frees each
+ * reply after its handler, before it reads the next.  A reply must be
+ * freed with ngx_http_credits_reply_free(), never freeReplyObject(); it
+ * outlives its reader (a handler may close the connection), the pool
+ * then going with the last reply.  A reply partly read when the reader is
+ * freed or fails is freed by the reader, through the same function.
  */
 
 
@@ -30,6 +30,8 @@
 typedef struct {
     ngx_pool_t                     *pool;
     ngx_log_t                      *log;
+    ngx_uint_t                      replies;   /* in the pool, not freed */
+    ngx_uint_t                      orphan;    /* unsigned:1, reader freed */
 } ngx_http_credits_reply_arena_t;
 
 
@@ -71,6 +73,8 @@ ngx_http_credits_reply_reader(ngx_log_t *log)
     }
 
     arena->log = log;
+    arena->replies = 0;
+    arena->orphan = 0;
     arena->pool = ngx_create_pool(NGX_HTTP_CREDITS_REPLY_POOL, log);
 
     reader = redisReaderCreateWithFunctions(&ngx_http_credits_reply_functions);
@@ -101,8 +105,14 @@ ngx_http_credits_reply_reader_free(redisReader *reader)
 
     arena = reader->privdata;
 
-    /* a reply still being read is freed here, into the pool */
+    /* a reply still being read is freed here */
     redisReaderFree(reader);
+
+    if (arena->replies) {
+        /* the last reply handed out takes the pool with it */
+        arena->orphan = 1;
+        return;
+    }
 
     if (arena->pool) {
         ngx_destroy_pool(arena->pool);
@@ -112,7 +122,7 @@ ngx_http_credits_reply_reader_free(redisReader *reader)
 }
 
 
-/* the reply and every element of it */
+/* the reply and its elements: the pool is reset once it holds no reply */
 
 void
 ngx_http_credits_reply_free(void *reply)
@@ -124,6 +134,16 @@ ngx_http_credits_reply_free(void *reply)
 
     root = (ngx_http_credits_reply_root_t *) reply - 1;
     arena = root->arena;
+
+    if (--arena->replies) {
+        return;
+    }
+
+    if (arena->orphan) {
+        ngx_destroy_pool(arena->pool);
+        ngx_free(arena);
+        return;
+    }
 
     n = 0;
 
@@ -244,6 +264,7 @@ ngx_http_credits_reply_alloc(const redisReadTask *task, int type,
         }
 
         root->arena = arena;
+        arena->replies++;
         r = (redisReply *) (root + 1);
 
     } else {
