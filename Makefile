@@ -33,7 +33,7 @@ ASAN_LOGS  := $(CURDIR)/$(ASAN_BUILD)/reports
 CREDITSCTL := $(BUILD)/creditsctl
 DEB_DIR    := $(BUILD)/deb
 
-.PHONY: deb test-package bench profile soak all deps module test test-asan module-asan demo demo-stop clean
+.PHONY: deb test-package bench profile guard soak all deps module test test-asan module-asan demo demo-stop clean
 
 all: module $(CREDITSCTL)
 
@@ -101,6 +101,11 @@ bench: module
 # where a request's instructions go, by callgrind
 profile: module
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/profile
+
+# fails when the module adds 10 % more instructions per request than
+# bench/guard.figure (callgrind, a few seconds; run by .ci/run)
+guard: module
+	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/guard
 
 # five minutes of mixed traffic, then every audit and the workers' memory
 soak: module $(CREDITSCTL)

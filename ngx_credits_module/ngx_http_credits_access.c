@@ -291,14 +291,25 @@ ngx_http_credits_token(ngx_http_request_t *r, ngx_http_credits_jwt_conf_t *jcf,
 
     h = r->headers_in.authorization;
 
-    if (h == NULL || h->value.len < sizeof("Bearer ") - 1
-        || ngx_strncasecmp(h->value.data, (u_char *) "Bearer ",
-                           sizeof("Bearer ") - 1) != 0)
+    if (h == NULL || h->value.len < sizeof("Bearer ") - 1) {
+        return NGX_OK;
+    }
+
+    /*
+     * "Bearer " in any case: a letter's case is its 0x20 bit (cheaper
+     * than ngx_strncasecmp(), which lowers every byte by a function)
+     */
+
+    p = h->value.data;
+
+    if ((p[0] | 0x20) != 'b' || (p[1] | 0x20) != 'e' || (p[2] | 0x20) != 'a'
+        || (p[3] | 0x20) != 'r' || (p[4] | 0x20) != 'e'
+        || (p[5] | 0x20) != 'r' || p[6] != ' ')
     {
         return NGX_OK;
     }
 
-    p = h->value.data + sizeof("Bearer ") - 1;
+    p += sizeof("Bearer ") - 1;
     last = h->value.data + h->value.len;
 
     while (p < last && *p == ' ') {

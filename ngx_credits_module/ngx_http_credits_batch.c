@@ -28,6 +28,7 @@
 #define NGX_HTTP_CREDITS_BATCH_BUCKETS  64     /* open batches, by project */
 #define NGX_HTTP_CREDITS_BATCH_ARGS     4      /* per item, at most */
 #define NGX_HTTP_CREDITS_BATCH_POOL     4096
+#define NGX_HTTP_CREDITS_BATCH_SPARE    16     /* pools kept for reuse */
 
 
 struct ngx_http_credits_batch_s {
@@ -49,6 +50,8 @@ static void ngx_http_credits_batch_copy_strs(ngx_str_t *dst, ngx_str_t *src,
     ngx_uint_t n, u_char *p);
 static ngx_http_credits_batch_t *ngx_http_credits_batch_open(
     ngx_http_credits_script_t *script, ngx_str_t *keys);
+static ngx_pool_t *ngx_http_credits_batch_pool(void);
+static void ngx_http_credits_batch_free(ngx_pool_t *pool);
 static void ngx_http_credits_batch_send_handler(ngx_event_t *ev);
 static void ngx_http_credits_batch_send(ngx_http_credits_batch_t *b);
 static void ngx_http_credits_batch_reply(ngx_http_credits_redis_cmd_t *cmd,
@@ -64,6 +67,11 @@ static ngx_http_credits_batch_t  *ngx_http_credits_batch_queue;
 static ngx_http_credits_batch_t **ngx_http_credits_batch_tail =
                                                 &ngx_http_credits_batch_queue;
 static ngx_event_t                ngx_http_credits_batch_event;
+
+/* a batch's pool costs a malloc() and a free(): the last ones are kept */
+static ngx_pool_t                *ngx_http_credits_batch_spare[
+                                               NGX_HTTP_CREDITS_BATCH_SPARE];
+static ngx_uint_t                 ngx_http_credits_batch_nspare;
 
 /* what an item gets when the reply does not have its elements */
 static redisReply  ngx_http_credits_batch_bad_reply = {
@@ -134,11 +142,13 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
 }
 
 
+/* murmur takes the key 4 bytes at a time, ngx_hash_key() byte by byte */
+
 static ngx_http_credits_batch_t **
 ngx_http_credits_batch_bucket(ngx_str_t *keys)
 {
-    return &ngx_http_credits_batch_buckets[ngx_hash_key(keys[0].data,
-                                                        keys[0].len)
+    return &ngx_http_credits_batch_buckets[ngx_murmur_hash2(keys[0].data,
+                                                            keys[0].len)
                                            % NGX_HTTP_CREDITS_BATCH_BUCKETS];
 }
 
@@ -204,15 +214,14 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     size = sizeof(ngx_http_credits_batch_t)
            + ngx_http_credits_batch_strs_size(keys, 3);
 
-    /* one allocation for a batch and its first items, most often all */
-    pool = ngx_create_pool(NGX_HTTP_CREDITS_BATCH_POOL, ngx_cycle->log);
+    pool = ngx_http_credits_batch_pool();
     if (pool == NULL) {
         return NULL;
     }
 
     b = ngx_palloc(pool, size);
     if (b == NULL) {
-        ngx_destroy_pool(pool);
+        ngx_http_credits_batch_free(pool);
         return NULL;
     }
 
@@ -239,6 +248,32 @@ ngx_http_credits_batch_open(ngx_http_credits_script_t *script,
     }
 
     return b;
+}
+
+
+/* one allocation for a batch and its first items, most often all */
+
+static ngx_pool_t *
+ngx_http_credits_batch_pool(void)
+{
+    if (ngx_http_credits_batch_nspare) {
+        return ngx_http_credits_batch_spare[--ngx_http_credits_batch_nspare];
+    }
+
+    return ngx_create_pool(NGX_HTTP_CREDITS_BATCH_POOL, ngx_cycle->log);
+}
+
+
+static void
+ngx_http_credits_batch_free(ngx_pool_t *pool)
+{
+    if (ngx_http_credits_batch_nspare == NGX_HTTP_CREDITS_BATCH_SPARE) {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    ngx_reset_pool(pool);
+    ngx_http_credits_batch_spare[ngx_http_credits_batch_nspare++] = pool;
 }
 
 
@@ -341,7 +376,7 @@ ngx_http_credits_batch_finish(ngx_http_credits_batch_t *b, redisReply *reply)
                                             b->script->reply_width, &view));
     }
 
-    ngx_destroy_pool(b->pool);
+    ngx_http_credits_batch_free(b->pool);
 }
 
 

@@ -192,7 +192,7 @@ ngx_http_credits_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                              "sub");
     ngx_conf_merge_value(conf->jwt.leeway, prev->jwt.leeway, 0);
     ngx_conf_merge_uint_value(conf->jwt.cache_size, prev->jwt.cache_size,
-                              1024);
+                              16384);
 
     if (conf->jwt.token == NULL) {
         conf->jwt.token = prev->jwt.token;

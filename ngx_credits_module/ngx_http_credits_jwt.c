@@ -229,7 +229,6 @@ ngx_int_t
 ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token,
     time_t now, ngx_pool_t *pool, ngx_str_t *project, const char **reason)
 {
-    u_char     digest[NGX_HTTP_CREDITS_DIGEST_LEN];
     double     exp;
     ngx_int_t  rc;
 
@@ -240,11 +239,7 @@ ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token,
                                            &exp, reason);
     }
 
-    if (ngx_http_credits_sha256(token, 1, digest) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    rc = ngx_http_credits_jwt_cache_get(jcf, digest, now, pool, project);
+    rc = ngx_http_credits_jwt_cache_get(jcf, token, now, pool, project);
     if (rc != NGX_DECLINED) {
         return rc;
     }
@@ -253,7 +248,7 @@ ngx_http_credits_jwt_check(ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *token,
                                      reason);
 
     if (rc == NGX_OK) {
-        ngx_http_credits_jwt_cache_put(jcf, digest, now, exp, project);
+        ngx_http_credits_jwt_cache_put(jcf, token, now, exp, project);
     }
 
     return rc;

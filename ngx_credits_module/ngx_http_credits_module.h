@@ -350,12 +350,15 @@ ngx_int_t ngx_http_credits_jwt_decode_json(ngx_str_t *segment,
     ngx_pool_t *pool, struct json_t **json);
 
 /* verified-token cache */
-ngx_int_t ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n,
-    u_char *digest);
 ngx_int_t ngx_http_credits_jwt_cache_get(ngx_http_credits_jwt_conf_t *jcf,
-    u_char *digest, time_t now, ngx_pool_t *pool, ngx_str_t *project);
+    ngx_str_t *token, time_t now, ngx_pool_t *pool, ngx_str_t *project);
 void ngx_http_credits_jwt_cache_put(ngx_http_credits_jwt_conf_t *jcf,
-    u_char *digest, time_t now, double exp, ngx_str_t *project);
+    ngx_str_t *token, time_t now, double exp, ngx_str_t *project);
+
+/* replies of a node's redisReader in a pool of its own */
+redisReader *ngx_http_credits_reply_reader(ngx_log_t *log);
+void ngx_http_credits_reply_reader_free(redisReader *reader);
+void ngx_http_credits_reply_free(void *reply);
 
 /* redis configuration: addresses, TLS, names */
 char *ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);

@@ -24,16 +24,18 @@ ngx_http_credits_parse_amount(u_char *p, size_t len)
 
 
 /*
- * n in decimal, at most NGX_INT_T_LEN bytes.  A request writes several
- * numbers (script arguments, response headers); ngx_sprintf() would parse
- * its format string for each.
+ * n in decimal, at most NGX_INT_T_LEN bytes.  A request writes a dozen
+ * numbers, most of one or two digits (the lengths in a command to Redis):
+ * ngx_sprintf() would parse its format string for each, and digits
+ * written into a buffer would need a copy.  Here the end is found first
+ * and the digits go where they belong.
  */
 
 u_char *
 ngx_http_credits_write_int(u_char *p, ngx_int_t n)
 {
-    u_char      digits[NGX_INT_T_LEN], *d;
-    ngx_uint_t  u;
+    u_char      *last;
+    ngx_uint_t   u, v;
 
     u = (ngx_uint_t) n;
 
@@ -42,12 +44,18 @@ ngx_http_credits_write_int(u_char *p, ngx_int_t n)
         u = -u;
     }
 
-    d = digits + NGX_INT_T_LEN;
+    last = p + 1;
+
+    for (v = u; v >= 10; v /= 10) {
+        last++;
+    }
+
+    p = last;
 
     do {
-        *--d = (u_char) ('0' + u % 10);
+        *--p = (u_char) ('0' + u % 10);
         u /= 10;
     } while (u);
 
-    return ngx_cpymem(p, d, digits + NGX_INT_T_LEN - d);
+    return last;
 }

@@ -304,7 +304,7 @@ ngx_http_credits_node_replies(ngx_http_credits_node_t *node)
             }
         }
 
-        freeReplyObject(r);
+        ngx_http_credits_reply_free(r);
 
         if (node->generation != generation) {
             return NGX_DONE;

@@ -364,7 +364,7 @@ ngx_http_credits_node_open(ngx_http_credits_node_t *node)
     node->peer.log = node->log;
     node->peer.log_error = NGX_ERROR_ERR;
 
-    node->reader = redisReaderCreate();
+    node->reader = ngx_http_credits_reply_reader(node->log);
     if (node->reader == NULL) {
         ngx_http_credits_node_close(node);
         return;
@@ -562,7 +562,7 @@ ngx_http_credits_node_close(ngx_http_credits_node_t *node)
     }
 
     if (node->reader) {
-        redisReaderFree(node->reader);
+        ngx_http_credits_reply_reader_free(node->reader);
         node->reader = NULL;
     }
 

@@ -25,6 +25,8 @@
 
 #include "ngx_http_credits_module.h"
 
+#include <openssl/evp.h>
+
 
 #define NGX_HTTP_CREDITS_PERIOD_MAX    (30 * 86400)
 #define NGX_HTTP_CREDITS_NAME_MAX      128
@@ -41,6 +43,8 @@ static u_char *ngx_http_credits_ref(u_char *p, u_char kind,
 static ngx_int_t ngx_http_credits_visitor_id(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf,
     u_char *id);
+static ngx_int_t ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n,
+    u_char *digest);
 
 
 static ngx_str_t  ngx_http_credits_visitor_label =
@@ -354,6 +358,51 @@ ngx_http_credits_visitor_id(ngx_http_request_t *r,
     }
 
     ngx_hex_dump(id, digest, NGX_HTTP_CREDITS_VISITOR_LEN);
+
+    return NGX_OK;
+}
+
+
+/*
+ * The SHA-256 of the parts, one after the other.  OpenSSL 3 looks the
+ * digest up on every EVP_sha256() call and EVP_Digest() allocates a
+ * context per call: the worker keeps one of each.
+ */
+
+static ngx_int_t
+ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n, u_char *digest)
+{
+    unsigned int         len;
+    ngx_uint_t           i;
+    static EVP_MD       *sha256;
+    static EVP_MD_CTX   *ctx;
+
+    if (ctx == NULL) {
+        sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+        ctx = EVP_MD_CTX_new();
+
+        if (sha256 == NULL || ctx == NULL) {
+            EVP_MD_free(sha256);
+            EVP_MD_CTX_free(ctx);
+            sha256 = NULL;
+            ctx = NULL;
+            return NGX_ERROR;
+        }
+    }
+
+    if (EVP_DigestInit_ex2(ctx, sha256, NULL) != 1) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (EVP_DigestUpdate(ctx, parts[i].data, parts[i].len) != 1) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (EVP_DigestFinal_ex(ctx, digest, &len) != 1) {
+        return NGX_ERROR;
+    }
 
     return NGX_OK;
 }

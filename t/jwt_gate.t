@@ -87,6 +87,8 @@ sub accepted {
 accepted('HS256', '/ai', jwt_hs('HS256', $secret, \%ok), 'proj-1');
 accepted('lower-case bearer', '/ai', undef, 'proj-1',
          Authorization => 'bearer ' . jwt_hs('HS256', $secret, \%ok));
+accepted('mixed-case BeArEr', '/ai', undef, 'proj-1',
+         Authorization => 'BeArEr ' . jwt_hs('HS256', $secret, \%ok));
 accepted('no exp claim', '/ai', jwt_hs('HS256', $secret, { sub => 'p' }), 'p');
 accepted('project id charset', '/ai',
          jwt_hs('HS256', $secret, { %ok, sub => 'Ab.9_-z' }), 'Ab.9_-z');
@@ -95,6 +97,10 @@ accepted('project id of 128 chars', '/ai',
 
 # every rejection cause
 rejected('no token', '/ai', undef, 'no token');
+rejected('another scheme', '/ai', undef, 'no token',
+         Authorization => 'Basic ' . jwt_hs('HS256', $secret, \%ok));
+rejected('"Bearer" without its space', '/ai', undef, 'no token',
+         Authorization => 'Bearer:' . jwt_hs('HS256', $secret, \%ok));
 rejected('empty bearer', '/ai', '', 'no token');
 rejected('two segments', '/ai', 'abc.def', 'malformed token');
 rejected('four segments', '/ai', jwt_hs('HS256', $secret, \%ok) . '.x',

@@ -6,6 +6,7 @@ use warnings;
 use Test::More;
 use lib 't/lib';
 use CreditsTest;
+use MIME::Base64 ();
 
 my $dir = test_dir();
 my ($rsa, $rsa_pub) = gen_rsa_key($dir);
@@ -47,6 +48,11 @@ my $ngx = CreditsTest::Nginx->new(upstream => $up, log_level => 'debug',
             credits on;
             credits_jwt_key_file $hs;
             credits_jwt_cache_size 0;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+        location /default {
+            credits on;
+            credits_jwt_key_file $hs;
             proxy_pass http://%%UPSTREAM%%;
         }
     }
@@ -122,6 +128,18 @@ my ($h, $p, $s) = split /\./, $t1;
 is status_of('/small', "$h.$p." . b64url('forged' x 6)), 401,
     'same claims, another signature: verified, not a cache hit';
 
+# the cache finds an entry by a hash of the token's end (its signature):
+# a token of the same length and signature but other claims shares the
+# cached token's bucket and hash, and must fail the full compare
+(my $claims_twin = MIME::Base64::decode_base64url($p)) =~ s/"one"/"onf"/ or die;
+my $twin = "$h." . b64url($claims_twin) . ".$s";
+is length($twin), length($t1), 'the twin token has the cached one\'s length';
+$mark = length $ngx->error_log;
+is status_of('/small', $twin), 401,
+    'same length and signature, other claims: verified and refused';
+($hits) = cache_log($mark);
+is $hits, 0, 'the twin token was not a cache hit';
+
 $mark = length $ngx->error_log;
 is status_of('/small', $t3), '200 three', 'a third token';
 ($hits, $evictions) = cache_log($mark);
@@ -135,6 +153,20 @@ is status_of('/nocache', $t1), '200 one', 'cache size 0';
 is status_of('/nocache', $t1), '200 one', 'cache size 0 again';
 ($hits) = cache_log($mark);
 is $hits, 0, 'credits_jwt_cache_size 0 disables the cache';
+
+# the default cache starts with few buckets and doubles them as tokens
+# come: 300 tokens, then each again, all served from the cache
+my @many = map { jwt_hs('HS256', 'a-secret-of-enough-length-0123456789',
+                        { sub => "p$_", exp => time + 600 }) } 1 .. 300;
+my @first = map { status_of('/default', $_) } @many;
+$mark = length $ngx->error_log;
+my @again = map { status_of('/default', $_) } @many;
+is_deeply \@again, [map { "200 p$_" } 1 .. 300],
+    '300 tokens again: each its own project';
+is_deeply \@first, \@again, 'as the first time';
+($hits, $evictions) = cache_log($mark);
+is $hits, 300, 'the default cache held all 300 as it grew';
+is $evictions, 0, 'nothing evicted';
 
 my $short = jwt_hs('HS256', 'a-secret-of-enough-length-0123456789',
                    { sub => 'brief', exp => time + 2 });
