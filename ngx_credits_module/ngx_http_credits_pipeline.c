@@ -155,7 +155,7 @@ ngx_http_credits_node_flush_handler(ngx_event_t *ev)
     ngx_connection_t         *c;
     ngx_http_credits_node_t  *node = ev->data;
 
-    if (node->state != NGX_HTTP_CREDITS_REDIS_UP) {
+    if (node->state != NGX_HTTP_CREDITS_REDIS_UP || node->draining) {
         return;
     }
 
@@ -309,7 +309,35 @@ ngx_http_credits_node_replies(ngx_http_credits_node_t *node)
         if (node->generation != generation) {
             return NGX_DONE;
         }
+
+        if (node->draining && !ngx_http_credits_node_awaits_sent(node)) {
+            ngx_http_credits_node_close(node);
+            return NGX_DONE;
+        }
     }
+}
+
+
+/*
+ * Whether the oldest awaited command left whole: its reply will come.  A
+ * dropped connection is closed once none does, so that the commands it
+ * sent are answered (a refusal is retried, not taken for a loss).
+ */
+
+ngx_uint_t
+ngx_http_credits_node_awaits_sent(ngx_http_credits_node_t *node)
+{
+    uint64_t  end;
+
+    if (node->nwaits == 0) {
+        return 0;
+    }
+
+    end = (node->nwaits > 1)
+          ? node->waits[(node->head + 1) % node->waits_size].start
+          : node->queued;
+
+    return node->written >= end;
 }
 
 

@@ -499,7 +499,7 @@ ngx_http_credits_node_timer_handler(ngx_event_t *ev)
 void
 ngx_http_credits_node_drop(ngx_http_credits_node_t *node, const char *why)
 {
-    if (node->state == NGX_HTTP_CREDITS_REDIS_DOWN) {
+    if (node->state == NGX_HTTP_CREDITS_REDIS_DOWN || node->draining) {
         return;
     }
 
@@ -509,6 +509,18 @@ ngx_http_credits_node_drop(ngx_http_credits_node_t *node, const char *why)
 
     /* not a failure of the network: no need to wait long */
     node->backoff = NGX_HTTP_CREDITS_BACKOFF_MIN;
+
+    /*
+     * The commands already sent are answered first (the replies close
+     * it): refused ones are retried, and one that ran is not lost.  The
+     * commands queued meanwhile wait for the next connection.
+     */
+    if (node->state == NGX_HTTP_CREDITS_REDIS_UP
+        && ngx_http_credits_node_awaits_sent(node))
+    {
+        node->draining = 1;
+        return;
+    }
 
     ngx_http_credits_node_close(node);
 }
@@ -580,6 +592,7 @@ ngx_http_credits_node_close(ngx_http_credits_node_t *node)
 
     node->generation++;
     node->state = NGX_HTTP_CREDITS_REDIS_DOWN;
+    node->draining = 0;
     node->out_pos = 0;
     node->out_last = 0;
 

@@ -82,6 +82,7 @@ struct ngx_http_credits_node_s {
     unsigned                          tried:1;   /* connected once */
     unsigned                          closing:1;
     unsigned                          freeing:1;
+    unsigned                          draining:1;  /* dropped: no writes */
 };
 
 
@@ -89,6 +90,7 @@ ngx_int_t ngx_http_credits_node_setup(ngx_http_credits_node_t *node);
 void ngx_http_credits_node_connected(ngx_http_credits_node_t *node);
 void ngx_http_credits_node_up(ngx_http_credits_node_t *node);
 void ngx_http_credits_node_close(ngx_http_credits_node_t *node);
+ngx_uint_t ngx_http_credits_node_awaits_sent(ngx_http_credits_node_t *node);
 void ngx_http_credits_node_read_handler(ngx_event_t *ev);
 void ngx_http_credits_node_write_handler(ngx_event_t *ev);
 void ngx_http_credits_node_flush_handler(ngx_event_t *ev);

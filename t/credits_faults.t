@@ -162,6 +162,50 @@ ok wait_for(sub { balance() == 7 && $redis->cmd('ZCARD', 'credits:{fault}:holds'
 is scalar(grep { $_->{route} eq 'open' && $_->{outcome} eq 'commit' }
           @{ ledger($redis, 'fault') }), 1, 'one commit entry';
 
+
+# Redis loading its data (DEBUG RELOAD slowed by key-load-delay): the
+# connection made again meanwhile has its SCRIPT LOAD refused with LOADING
+# and is kept; the request waits within timeout= and is charged once
+my $patient = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
+                                      vars => { DIR => $dir }, http => <<'END');
+    credits_redis %%REDIS%% timeout=8s;
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%%;
+        location /ai {
+            credits on;
+            credits_price 3;
+            credits_route loading;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+    }
+END
+$patient->start;
+$redis->cmd('SET', 'credits:{fault}:balance', 30);
+is $patient->get('/ai', %auth)->{status}, 200, 'connected before the reload';
+# 200 keys, 10 ms each: 2 s of LOADING, events served every 1 kB
+$redis->cmd('DEBUG', 'POPULATE', 200, 'filler', 64);
+$redis->cmd('CONFIG', 'SET', 'loading-process-events-interval-bytes', 1024);
+$redis->cmd('CONFIG', 'SET', 'key-load-delay', 10000);
+my $reloader = IO::Socket::INET->new(PeerAddr => $redis->addr) or die;
+print $reloader "DEBUG RELOAD\r\n";
+ok wait_for(sub { (eval { $redis->cmd('GET', 'credits:{fault}:balance') } // '') =~ /^LOADING/ }, 5),
+    'Redis answers LOADING';
+my $t0 = time;
+$r = $patient->get('/ai', %auth);
+is $r->{status}, 200, 'a request while Redis loads: 200 once loaded';
+<$reloader>;
+$redis->cmd('CONFIG', 'SET', 'key-load-delay', 0);
+like $patient->error_log, qr/SCRIPT LOAD: LOADING/,
+    'the connection made during the load had its SCRIPT LOAD refused';
+unlike $patient->error_log, qr/SCRIPT LOAD failed/, 'and kept it';
+ok wait_for(sub { balance() == 24 && $redis->cmd('ZCARD', 'credits:{fault}:holds') == 0 }, 3),
+    'both requests charged once: 30 - 2 x 3';
+is scalar(grep { $_->{route} eq 'loading' && $_->{outcome} eq 'commit' }
+          @{ ledger($redis, 'fault') }), 2, 'two commit entries';
+unlike $patient->error_log, qr/exited on signal|\[alert\]/, 'no worker crashed';
+$patient->stop;
+
 unlike $ngx->error_log, qr/exited on signal|\[alert\]/,
     'no worker crashed';
 
