@@ -142,13 +142,11 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
 }
 
 
-/* murmur takes the key 4 bytes at a time, ngx_hash_key() byte by byte */
-
 static ngx_http_credits_batch_t **
 ngx_http_credits_batch_bucket(ngx_str_t *keys)
 {
-    return &ngx_http_credits_batch_buckets[ngx_murmur_hash2(keys[0].data,
-                                                            keys[0].len)
+    return &ngx_http_credits_batch_buckets[ngx_http_credits_hash(keys[0].data,
+                                                                 keys[0].len)
                                            % NGX_HTTP_CREDITS_BATCH_BUCKETS];
 }
 

@@ -76,7 +76,7 @@ ngx_http_credits_jwt_cache_hash(ngx_str_t *token)
 
     n = ngx_min(token->len, NGX_HTTP_CREDITS_HASHED_TAIL);
 
-    return ngx_murmur_hash2(token->data + token->len - n, n)
+    return ngx_http_credits_hash(token->data + token->len - n, n)
            ^ (uint32_t) token->len;
 }
 

@@ -331,6 +331,7 @@ time_t ngx_http_credits_window_left(ngx_http_credits_ctx_t *ctx);
 /* numbers */
 ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
 u_char *ngx_http_credits_write_int(u_char *p, ngx_int_t n);
+uint32_t ngx_http_credits_hash(u_char *data, size_t len);
 
 /* jwt */
 char *ngx_http_credits_jwt_load_key(ngx_conf_t *cf,

@@ -3,7 +3,8 @@
  * Copyright (C) The ngx_http_credits_module authors
  *
  * Numbers: credits read from configuration, headers and Redis, and written
- * into script arguments and response headers.
+ * into script arguments and response headers; and the hash of bytes that
+ * the module's own tables share.
  */
 
 
@@ -58,4 +59,56 @@ ngx_http_credits_write_int(u_char *p, ngx_int_t n)
     } while (u);
 
     return last;
+}
+
+
+/*
+ * MurmurHash2 of the bytes, as ngx_murmur_hash2(), whose byte shifts
+ * overflow an int for bytes of 128 and more (undefined behaviour, which
+ * the fuzzers' sanitizer stops on): here every byte is widened to an
+ * unsigned 32-bit word first.  Hashes the token cache and the open
+ * batches by key: four bytes a step, where ngx_hash_key() takes one.
+ */
+
+uint32_t
+ngx_http_credits_hash(u_char *data, size_t len)
+{
+    uint32_t  h, k;
+
+    h = (uint32_t) len;
+
+    while (len >= 4) {
+        k = (uint32_t) data[0];
+        k |= (uint32_t) data[1] << 8;
+        k |= (uint32_t) data[2] << 16;
+        k |= (uint32_t) data[3] << 24;
+
+        k *= 0x5bd1e995;
+        k ^= k >> 24;
+        k *= 0x5bd1e995;
+
+        h *= 0x5bd1e995;
+        h ^= k;
+
+        data += 4;
+        len -= 4;
+    }
+
+    switch (len) {
+    case 3:
+        h ^= (uint32_t) data[2] << 16;
+        /* fall through */
+    case 2:
+        h ^= (uint32_t) data[1] << 8;
+        /* fall through */
+    case 1:
+        h ^= (uint32_t) data[0];
+        h *= 0x5bd1e995;
+    }
+
+    h ^= h >> 13;
+    h *= 0x5bd1e995;
+    h ^= h >> 15;
+
+    return h;
 }
