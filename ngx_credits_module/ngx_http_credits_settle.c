@@ -420,38 +420,11 @@ ngx_http_credits_resend_handler(ngx_event_t *ev)
     ngx_http_credits_unsent_t  *u;
     ngx_http_credits_resend_t  *rs = ev->data;
 
-    while (!ngx_queue_empty(&rs->unsent)) {
-
-        q = ngx_queue_head(&rs->unsent);
-        u = ngx_queue_data(q, ngx_http_credits_unsent_t, queue);
-
-        if (ngx_http_credits_settle_add(u->keys, u->args,
-                                        &ngx_http_credits_unsure)
-            != NGX_OK)
-        {
-            break;
-        }
-
-        ngx_queue_remove(q);
-        rs->count--;
-        ngx_free(u);
-    }
-
     /*
-     * Resent settles may come back (a connection that fails after its
-     * connect): a worker shutting down keeps counting from its first
-     * try, so it gives up after "timeout" however often they come back.
+     * A worker shutting down gives up after "timeout" counted from its
+     * first try, however often resent settles come back (a connection
+     * that fails after its connect, a Sentinel that names no master).
      */
-    if (rs->count == 0) {
-        if (!(ngx_exiting || ngx_quit || ngx_terminate)) {
-            rs->exiting_since = 0;
-        }
-
-        return;
-    }
-
-    /* a worker that is shutting down gives up after "timeout" */
-
     if (ngx_exiting || ngx_quit || ngx_terminate) {
 
         if (rs->exiting_since == 0) {
@@ -473,6 +446,30 @@ ngx_http_credits_resend_handler(ngx_event_t *ev)
             rs->count = 0;
             return;
         }
+
+    } else {
+        rs->exiting_since = 0;
+    }
+
+    while (!ngx_queue_empty(&rs->unsent)) {
+
+        q = ngx_queue_head(&rs->unsent);
+        u = ngx_queue_data(q, ngx_http_credits_unsent_t, queue);
+
+        if (ngx_http_credits_settle_add(u->keys, u->args,
+                                        &ngx_http_credits_unsure)
+            != NGX_OK)
+        {
+            break;
+        }
+
+        ngx_queue_remove(q);
+        rs->count--;
+        ngx_free(u);
+    }
+
+    if (rs->count == 0) {
+        return;
     }
 
     ngx_http_credits_resend_arm();

@@ -710,16 +710,22 @@ sub reload {
     }, $o{timeout} || 15) or die "reload did not finish";
 }
 
+# QUIT, as an operator stops nginx; true when every process exited by
+# itself within 10 s.  Otherwise the master and its workers are killed
+# (a worker left behind would keep running after the test).
 sub stop {
     my ($self) = @_;
-    return unless $self->{started};
+    return 1 unless $self->{started};
     my $pid = $self->{master};
+    my $graceful = 1;
     if ($pid) {
+        my @workers = $self->workers;
         kill 'QUIT', $pid;
-        CreditsTest::wait_for(sub { !kill 0, $pid }, 10)
-            or kill 'KILL', $pid;
+        $graceful = CreditsTest::wait_for(sub { !kill 0, $pid, @workers }, 10);
+        kill 'KILL', $pid, @workers unless $graceful;
     }
     $self->{started} = 0;
+    return $graceful;
 }
 
 sub error_log { CreditsTest::slurp("$_[0]->{dir}/error.log") }
