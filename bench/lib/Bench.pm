@@ -43,6 +43,13 @@ sub token_variants {
     };
 }
 
+# the stand-in's streamed answer, as a "return 200 '...'" of nginx: 50
+# message events and a cost event after every tenth (costs 10 .. 50)
+sub sse_body {
+    return join '', map { "event: message\\ndata: {\\\"token\\\":$_}\\n\\n"
+                          . ($_ % 10 ? '' : "event: credits\\ndata: $_\\n\\n") } 1 .. 50;
+}
+
 # every project the variants charge, funded for any run
 sub fund {
     my ($redis) = @_;
@@ -107,7 +114,7 @@ END
     wait_for(sub { CreditsTest::port_open($gw->port) }, 60)
         or die "callgrind: the gateway did not start:\n" . $gw->error_log;
 
-    my $url = 'http://127.0.0.1:' . $gw->port . '/ai';
+    my $url = 'http://127.0.0.1:' . $gw->port . ($o{path} // '/ai');
     my $wrk = sub {
         my ($c, $secs) = @_;
         my $r = `wrk -t1 -c$c -d${secs}s -s $o{script} $url 2>&1`;
