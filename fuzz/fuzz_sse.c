@@ -1,10 +1,12 @@
 /*
  * Copyright (C) The ngx_http_credits_module authors
  *
- * Any bytes as an event stream, read in one piece and in pieces of a
- * size the input chooses: the client's bytes and the costs found are the
- * same however the stream is split, never more bytes come out than went
- * in, and a stream without the cost event's name comes out unchanged.
+ * Any bytes as an event stream, read in one piece, in pieces of a size
+ * the input chooses and a byte at a time (never a whole event in one
+ * piece: the byte-wise reading only): the client's bytes and the costs
+ * found are the same however the stream is split, never more bytes come
+ * out than went in, and a stream without the cost event's name comes out
+ * unchanged.
  */
 
 #include "fuzz_common.h"
@@ -40,10 +42,10 @@ fuzz_parse(ngx_pool_t *pool, u_char *p, size_t size, size_t piece,
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    u_char                  *one, *many;
-    size_t                   n1, n2, piece;
+    u_char                  *one, *many, *bytes;
+    size_t                   n1, n2, n3, piece;
     ngx_pool_t              *pool;
-    ngx_http_credits_sse_t   a, b;
+    ngx_http_credits_sse_t   a, b, c;
 
     fuzz_init();
 
@@ -58,16 +60,20 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pool = ngx_create_pool(4096, ngx_cycle->log);
     one = malloc(size + 1);
     many = malloc(size + 1);
+    bytes = malloc(size + 1);
 
-    if (pool == NULL || one == NULL || many == NULL) {
+    if (pool == NULL || one == NULL || many == NULL || bytes == NULL) {
         __builtin_trap();
     }
 
     n1 = fuzz_parse(pool, (u_char *) data, size, size ? size : 1, one, &a);
     n2 = fuzz_parse(pool, (u_char *) data, size, piece, many, &b);
+    n3 = fuzz_parse(pool, (u_char *) data, size, 1, bytes, &c);
 
     if (n1 > size || n1 != n2 || ngx_memcmp(one, many, n1) != 0
-        || a.cost != b.cost || a.costs != b.costs || a.bad != b.bad)
+        || a.cost != b.cost || a.costs != b.costs || a.bad != b.bad
+        || n1 != n3 || ngx_memcmp(one, bytes, n1) != 0
+        || a.cost != c.cost || a.costs != c.costs || a.bad != c.bad)
     {
         __builtin_trap();
     }
@@ -81,6 +87,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     free(one);
     free(many);
+    free(bytes);
     ngx_destroy_pool(pool);
 
     return 0;

@@ -16,6 +16,11 @@
  * client can see.  An event longer than NGX_HTTP_CREDITS_SSE_EVENT_MAX is
  * no cost event: its bytes pass on as they come.
  *
+ * Most events arrive whole, with LF line ends: those are read where they
+ * are, a memchr() per line, and given out a run of events at a time
+ * (ngx_http_credits_sse_events); the byte-wise reading above takes what
+ * is left: an event split between buffers, CRs, overlong events.
+ *
  * No nginx request here: the response filter feeds the bytes, and the
  * fuzzer checks that any split gives the same output and costs.
  */
@@ -27,15 +32,21 @@
 #define NGX_HTTP_CREDITS_SSE_EVENT_MAX  4096
 
 
+static u_char *ngx_http_credits_sse_events(ngx_http_credits_sse_t *sse,
+    u_char *p, u_char *last, u_char **out);
 static u_char *ngx_http_credits_sse_eol(u_char *p, u_char *last);
 static ngx_inline u_char *ngx_http_credits_sse_byte(
     ngx_http_credits_sse_t *sse, u_char c, u_char *out);
 static u_char *ngx_http_credits_sse_span(ngx_http_credits_sse_t *sse,
     u_char *p, u_char *last, u_char *out);
 static void ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse,
-    u_char *p, u_char *last);
+    u_char *event, u_char *p, u_char *last);
+static ngx_inline u_char *ngx_http_credits_sse_value(u_char *colon,
+    u_char *last);
 static u_char *ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse,
     u_char *out);
+static void ngx_http_credits_sse_cost(ngx_http_credits_sse_t *sse,
+    u_char *event);
 
 
 ngx_int_t
@@ -68,9 +79,26 @@ u_char *
 ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last, u_char *out, ngx_uint_t last_buf)
 {
-    u_char  c, *q;
+    u_char  c, *q, *cr;
+
+    cr = p;
 
     while (p < last) {
+
+        if (sse->len == 0 && sse->empty && !sse->cr && !sse->passing) {
+            /* at an event's start: whole events up to the next CR */
+            if (cr < p || (cr == p && *p != '\r')) {
+                cr = memchr(p, '\r', last - p);
+                cr = cr ? cr : last;
+            }
+
+            p = ngx_http_credits_sse_events(sse, p, cr, &out);
+
+            if (p == last) {
+                break;
+            }
+        }
+
         c = *p;
 
         if (c != '\r' && c != '\n') {
@@ -117,7 +145,8 @@ ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
         }
 
         if (!sse->passing) {
-            ngx_http_credits_sse_line(sse, sse->event + sse->line,
+            ngx_http_credits_sse_line(sse, sse->event,
+                                      sse->event + sse->line,
                                       sse->event + sse->len - 1);
         }
 
@@ -132,6 +161,64 @@ ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
     }
 
     return out;
+}
+
+
+/*
+ * Whole events in p .. last, where no CR is: each line found by one
+ * memchr(), nothing copied but what the client gets, once per run of
+ * events between cost events.  Returns where it stopped: the start of an
+ * event that does not end before "last", or "last".
+ */
+
+static u_char *
+ngx_http_credits_sse_events(ngx_http_credits_sse_t *sse, u_char *p,
+    u_char *last, u_char **out)
+{
+    u_char  *start, *given, *line, *lf;
+
+    given = p;
+    start = p;
+
+    while (p < last) {
+        start = p;
+
+        for (line = p; /* void */ ; line = lf + 1) {
+            lf = memchr(line, '\n', last - line);
+
+            if (lf == NULL) {
+                goto partial;
+            }
+
+            if (lf == line) {
+                break;                      /* the empty line */
+            }
+
+            ngx_http_credits_sse_line(sse, start, line, lf);
+        }
+
+        p = lf + 1;
+
+        if (sse->is_cost && p - start <= NGX_HTTP_CREDITS_SSE_EVENT_MAX) {
+            *out = ngx_cpymem(*out, given, start - given);
+            given = p;
+
+            ngx_http_credits_sse_cost(sse, start);
+        }
+
+        sse->is_cost = 0;
+        sse->data_lines = 0;
+        start = p;
+    }
+
+partial:
+
+    sse->is_cost = 0;
+    sse->data_lines = 0;
+
+    *out = ngx_cpymem(*out, given, start - given);
+
+    return start;
 }
 
 
@@ -203,43 +290,63 @@ ngx_http_credits_sse_span(ngx_http_credits_sse_t *sse, u_char *p,
 }
 
 
-/* one field line of the event being read, without its line end */
+/*
+ * One field line of an event that starts at "event", without its line
+ * end: the data's place is kept from the event's start.
+ */
 
 static void
-ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *p,
-    u_char *last)
+ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *event,
+    u_char *p, u_char *last)
 {
-    u_char  *colon, *value;
+    u_char  *value;
+    size_t   n;
 
-    if (p == last || *p == ':') {
-        return;
-    }
+    /*
+     * Only the fields "event" and "data" matter: each is its name followed
+     * by a colon or by the line's end (a field with no value): compared
+     * where the line starts, with no search for the colon.
+     */
 
-    colon = ngx_strlchr(p, last, ':');
-    value = colon ? colon + 1 : last;
+    n = last - p;
 
-    if (value < last && *value == ' ') {
-        value++;
-    }
+    if (n >= 5 && ngx_memcmp(p, "event", 5) == 0
+        && (n == 5 || p[5] == ':'))
+    {
+        value = ngx_http_credits_sse_value(p + 5, last);
 
-    if (colon == NULL) {
-        colon = last;
-    }
-
-    if (colon - p == 5 && ngx_memcmp(p, "event", 5) == 0) {
+        /* the first byte first: most events are not cost events */
         sse->is_cost = ((size_t) (last - value) == sse->name.len
+                        && (value == last || *value == sse->name.data[0])
                         && ngx_memcmp(value, sse->name.data,
                                       sse->name.len) == 0);
         return;
     }
 
     /* read when the event ends, and only if it is a cost event */
-    if (colon - p == 4 && ngx_memcmp(p, "data", 4) == 0
-        && sse->data_lines++ == 0)
+    if (n >= 4 && ngx_memcmp(p, "data", 4) == 0
+        && (n == 4 || p[4] == ':') && sse->data_lines++ == 0)
     {
-        sse->data = value - sse->event;
+        value = ngx_http_credits_sse_value(p + 4, last);
+
+        sse->data = value - event;
         sse->data_len = last - value;
     }
+}
+
+
+/* a field's value: after its colon and one space, if any */
+
+static ngx_inline u_char *
+ngx_http_credits_sse_value(u_char *colon, u_char *last)
+{
+    if (colon == last) {
+        return last;
+    }
+
+    colon++;
+
+    return (colon < last && *colon == ' ') ? colon + 1 : colon;
 }
 
 
@@ -248,8 +355,6 @@ ngx_http_credits_sse_line(ngx_http_credits_sse_t *sse, u_char *p,
 static u_char *
 ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse, u_char *out)
 {
-    ngx_int_t  n;
-
     sse->ended = NGX_HTTP_CREDITS_SSE_KEPT;
 
     if (sse->passing) {
@@ -257,20 +362,7 @@ ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse, u_char *out)
 
     } else if (sse->is_cost) {
         sse->ended = NGX_HTTP_CREDITS_SSE_DROPPED;
-
-        /* several data lines join with LF: never a whole number */
-        n = (sse->data_lines == 1)
-            ? ngx_http_credits_parse_amount(sse->event + sse->data,
-                                            sse->data_len)
-            : NGX_ERROR;
-
-        if (n != NGX_ERROR) {
-            sse->cost = n;
-            sse->costs++;
-
-        } else {
-            sse->bad++;
-        }
+        ngx_http_credits_sse_cost(sse, sse->event);
 
     } else {
         out = ngx_cpymem(out, sse->event, sse->len);
@@ -283,4 +375,26 @@ ngx_http_credits_sse_end(ngx_http_credits_sse_t *sse, u_char *out)
     sse->data_lines = 0;
 
     return out;
+}
+
+
+/* a cost event that starts at "event": its data, if a whole number */
+
+static void
+ngx_http_credits_sse_cost(ngx_http_credits_sse_t *sse, u_char *event)
+{
+    ngx_int_t  n;
+
+    /* several data lines join with LF: never a whole number */
+    n = (sse->data_lines == 1)
+        ? ngx_http_credits_parse_amount(event + sse->data, sse->data_len)
+        : NGX_ERROR;
+
+    if (n != NGX_ERROR) {
+        sse->cost = n;
+        sse->costs++;
+
+    } else {
+        sse->bad++;
+    }
 }

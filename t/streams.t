@@ -44,6 +44,18 @@ my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
             proxy_pass http://%%UPSTREAM%%;
         }
 
+        location /whole {
+            credits on;
+            credits_price 10;
+            credits_route whole;
+            credits_cost_event credits;
+            proxy_buffering off;
+            proxy_buffer_size 16k;      # a 4 KB event in one read
+            proxy_busy_buffers_size 16k;
+            proxy_buffers 4 16k;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+
         location /plain {
             credits on;
             credits_price 10;
@@ -160,6 +172,41 @@ for my $k (0 .. length $raw) {
 }
 is_deeply \@bad, [], 'split at each of ' . (1 + length $raw)
     . ' offsets: the cost event (with its comment) removed, every other byte kept, charged 7';
+
+# -- whole events in one read (read where they are): the same rules ------------
+
+sub raw_get {
+    my ($path, $raw, %q) = @_;
+    (my $enc = $raw) =~ s/([^A-Za-z0-9])/sprintf '%%%02X', ord $1/ge;
+    my $r = $ngx->get("$path?raw=$enc" . join('', map { "&$_=$q{$_}" } keys %q), %auth);
+    return ($r, entry_of($r->{headers}{'x-hold'}));
+}
+
+$raw = "event: message\ndata: a\n\n"
+     . "event: credits\ndata: 4\n\n"
+     . "event: message\nevent: credits\ndata: 5\n\n"        # the last type wins
+     . ": c\nevent: credits\nevent: message\ndata: 6\n\n"    # not a cost event
+     . "event: credits\ndata: 1\ndata: 2\n\n"                # dropped, no cost
+     . "\n" . "event:credits\n\n" . "data:x\n\n";
+$want = "event: message\ndata: a\n\n"
+      . ": c\nevent: credits\nevent: message\ndata: 6\n\n" . "\ndata:x\n\n";
+($r, $e) = raw_get('/whole', $raw);
+is $r->{body}, $want, 'events in one read: the cost events removed, the rest as sent';
+is $e->{charged}, 5, 'events in one read: charged the last whole-number cost (5)';
+
+# an event of up to 4096 bytes can be a cost event; a longer one passes
+for my $len (4096, 4097) {
+    my $head = "event: credits\ndata: 7\n:";
+    my $long = $head . ('p' x ($len - length($head) - 2)) . "\n\n";
+    ($r, $e) = raw_get('/whole', "event: message\ndata: a\n\n$long");
+    if ($len == 4096) {
+        is $r->{body}, "event: message\ndata: a\n\n", "a $len-byte cost event removed";
+        is $e->{charged}, 7, "a $len-byte cost event: its cost charged";
+    } else {
+        is $r->{body}, "event: message\ndata: a\n\n$long", "a $len-byte event given as it came";
+        is $e->{charged}, 10, "a $len-byte event: no cost read, the price charged";
+    }
+}
 
 # -- no cost event: byte-identical, today's rules ------------------------------------
 
