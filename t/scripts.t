@@ -151,6 +151,10 @@ for my $bad (['w4;x,w,1,1:1:w', '1'], ["w4;$vref:1:w", ''], ["w4;$vref:1:w", '1,
     like '' . hold4('w5:1:w', 1, 60000, '', $bad->[0], 1, 60000, $bad->[1]),
         qr/not valid/, "counters: member '$bad->[0]', limits '$bad->[1]' is an error";
 }
+for my $bad ("w4;$vref", "w4;$vref:x:w", "w4;$vref:1") {
+    like '' . hold4('w5:1:w', 1, 60000, '', $bad, 1, 60000, '1'),
+        qr/is not <id>:<held>:<route>/, "counters: member '$bad' is an error";
+}
 is $redis->cmd('ZCARD', $keys[1]), 4, '... and nothing of those batches is written';
 
 is_deeply settle("w3;$bref:2:w", 1, 200, 'commit'), [1], 'counters: commit at 1 of 2';

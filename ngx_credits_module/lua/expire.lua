@@ -62,37 +62,58 @@ local function parse_hold(member)
     return id, held, route, ''
 end
 
--- A counter of a ref: {key, kind ('b' or 'v'), ref}, false if the ref is
--- malformed; its name and the end of its window are read only when
--- needed (counter_name, counter_end).  A batch's holds mostly share a
--- budget and its limits: each ref and limits argument is read once per
--- call.
+-- A counter of a ref: {key, kind ('b' or 'v'), name, period, start},
+-- false if the ref is malformed.  A batch's holds mostly share a budget
+-- and its limits: each ref and limits argument is read once per call.
 local seen_refs, seen_lists, seen_limits = {}, {}, {}
 
 local function counter(ref)
     local c = seen_refs[ref]
 
     if c == nil then
-        local kind = string.sub(ref, 1, 1)
+        local kind, name, period, start, rest =
+            string.match(ref, '^([vb]),([^,]+),(%d+),(%d+)(.*)$')
 
-        c = (kind == 'v' or kind == 'b')
-            and string.find(ref, '^.,[^,]+,%d+,%d+') ~= nil
-            and { base .. string.gsub(ref, ',', ':'), kind, ref }
-            or false
+        c = false
+
+        if kind then
+            -- one concatenation: cheaper in Redis's Lua than a gsub
+            local key = base .. kind .. ':' .. name .. ':' .. period .. ':'
+                        .. start
+
+            if rest ~= '' then
+                key = key .. string.gsub(rest, ',', ':')
+            end
+
+            c = { key, kind, name, period, start }
+        end
+
         seen_refs[ref] = c
     end
 
     return c
 end
 
-local function counter_name(c)
-    return string.match(c[3], '^.,([^,]+)')
-end
+-- when a counter's key expires, as PXAT's argument: a minute after its
+-- window; formatted once per window a call meets
+local pxats = {}
 
-local function counter_end(c)
-    local period, start = string.match(c[3], '^.,[^,]+,(%d+),(%d+)')
+local function counter_pxat(c)
+    local of_period = pxats[c[4]]
 
-    return (tonumber(start) + tonumber(period)) * 1000
+    if of_period == nil then
+        of_period = {}
+        pxats[c[4]] = of_period
+    end
+
+    local pxat = of_period[c[5]]
+
+    if pxat == nil then
+        pxat = int((tonumber(c[5]) + tonumber(c[4])) * 1000 + 60000)
+        of_period[c[5]] = pxat
+    end
+
+    return pxat
 end
 
 -- the counters of a member's refs, in order; false if one is malformed
@@ -102,15 +123,24 @@ local function counter_list(refs)
     if list == nil then
         list = {}
 
-        for ref in string.gmatch(refs, ';([^;]+)') do
-            local c = counter(ref)
+        -- ";ref;ref": plain finds, cheaper in Redis's Lua than a gmatch
+        local from = 1
+
+        while from <= #refs do
+            local to = (string.find(refs, ';', from + 1, true) or #refs + 1)
+            local ref = string.sub(refs, from + 1, to - 1)
+            local c = ref == '' or counter(ref)
 
             if not c then
                 list = false
                 break
             end
 
-            list[#list + 1] = c
+            if ref ~= '' then
+                list[#list + 1] = c
+            end
+
+            from = to
         end
 
         seen_lists[refs] = list
@@ -164,16 +194,21 @@ local no_counters = {}
 
 local function counters(member, limits)
     -- most holds count in no window: no parsing for them
-    if (limits == nil or limits == '')
-       and not string.find(member, ';', 1, true) then
+    local semi = string.find(member, ';', 1, true)
+
+    if (limits == nil or limits == '') and not semi then
         return no_counters, no_counters
     end
 
-    local refs = string.match(member, '^[^:;]*(;?[^:]*):%d+:')
+    -- the refs: from a ';' before the first ':' up to it
+    local colon = string.find(member, ':', 1, true)
 
-    if not refs then
+    if not colon or not string.find(member, '^%d+:', colon + 1) then
         return nil, 'a member is not <id>:<held>:<route>'
     end
+
+    local refs = (semi and semi < colon) and string.sub(member, semi, colon - 1)
+                 or ''
 
     local list = counter_list(refs)
     local lims = limits and limit_list(limits)
@@ -197,7 +232,7 @@ local function limit_of(c, limit)
     local own = budgets[c]
 
     if own == nil then
-        own = redis.call('HGET', base .. 'budgets', counter_name(c))
+        own = redis.call('HGET', base .. 'budgets', c[3])
         own = own and whole(own) and tonumber(own) or false
         budgets[c] = own
     end
@@ -248,8 +283,7 @@ end
 
 local function tally_write()
     for key, c in pairs(tally_ends) do
-        redis.call('SET', key, int(tally[key]), 'PXAT',
-                   int(counter_end(c) + 60000))
+        redis.call('SET', key, int(tally[key]), 'PXAT', counter_pxat(c))
     end
 end
 
