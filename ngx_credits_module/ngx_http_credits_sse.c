@@ -81,13 +81,13 @@ ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
 {
     u_char  c, *q, *cr;
 
-    cr = p;
+    cr = NULL;          /* the next CR: not looked for yet */
 
     while (p < last) {
 
         if (sse->len == 0 && sse->empty && !sse->cr && !sse->passing) {
             /* at an event's start: whole events up to the next CR */
-            if (cr < p || (cr == p && *p != '\r')) {
+            if (cr == NULL || cr < p) {
                 cr = memchr(p, '\r', last - p);
                 cr = cr ? cr : last;
             }
@@ -181,7 +181,6 @@ ngx_http_credits_sse_events(ngx_http_credits_sse_t *sse, u_char *p,
     start = p;
 
     while (p < last) {
-        start = p;
 
         for (line = p; /* void */ ; line = lf + 1) {
             lf = memchr(line, '\n', last - line);

@@ -129,14 +129,15 @@ local function counter_list(refs)
         while from <= #refs do
             local to = (string.find(refs, ';', from + 1, true) or #refs + 1)
             local ref = string.sub(refs, from + 1, to - 1)
-            local c = ref == '' or counter(ref)
-
-            if not c then
-                list = false
-                break
-            end
 
             if ref ~= '' then
+                local c = counter(ref)
+
+                if not c then
+                    list = false
+                    break
+                end
+
                 list[#list + 1] = c
             end
 
