@@ -159,28 +159,29 @@ books_close('client gone');
 
 # -- a cost event split at every byte offset --------------------------------------
 
-my $raw = "event: message\ndata: a\n\n: comment\r\nevent: credits\r\ndata: 7\r\n\r\n"
-        . "data: b\rdata: c\r\r";
-(my $want = $raw) =~ s/: comment\r\nevent: credits\r\ndata: 7\r\n\r\n//;
-topup(1000);
-my @bad;
-for my $k (0 .. length $raw) {
-    (my $q = $raw) =~ s/([^A-Za-z0-9])/sprintf '%%%02X', ord $1/ge;
-    $r = $ngx->get("/fixed?raw=$q&split=$k&gap=0.01", %auth);
-    $e = entry_of($r->{headers}{'x-hold'});
-    push @bad, $k unless $r->{body} eq $want && $e && $e->{charged} == 7;
-}
-is_deeply \@bad, [], 'split at each of ' . (1 + length $raw)
-    . ' offsets: the cost event (with its comment) removed, every other byte kept, charged 7';
-
-# -- whole events in one read (read where they are): the same rules ------------
-
+# raw=BYTES from the upstream as an event stream (more in %q): the answer
+# and the hold's ledger entry
 sub raw_get {
     my ($path, $raw, %q) = @_;
     (my $enc = $raw) =~ s/([^A-Za-z0-9])/sprintf '%%%02X', ord $1/ge;
     my $r = $ngx->get("$path?raw=$enc" . join('', map { "&$_=$q{$_}" } keys %q), %auth);
     return ($r, entry_of($r->{headers}{'x-hold'}));
 }
+
+
+my $raw = "event: message\ndata: a\n\n: comment\r\nevent: credits\r\ndata: 7\r\n\r\n"
+        . "data: b\rdata: c\r\r";
+(my $want = $raw) =~ s/: comment\r\nevent: credits\r\ndata: 7\r\n\r\n//;
+topup(1000);
+my @bad;
+for my $k (0 .. length $raw) {
+    ($r, $e) = raw_get('/fixed', $raw, split => $k, gap => 0.01);
+    push @bad, $k unless $r->{body} eq $want && $e && $e->{charged} == 7;
+}
+is_deeply \@bad, [], 'split at each of ' . (1 + length $raw)
+    . ' offsets: the cost event (with its comment) removed, every other byte kept, charged 7';
+
+# -- whole events in one read (read where they are): the same rules ------------
 
 $raw = "event: message\ndata: a\n\n"
      . "event: credits\ndata: 4\n\n"
@@ -216,10 +217,8 @@ $e = entry_of($r->{headers}{'x-hold'});
 is $e->{charged}, 10, 'no cost event: charged the price';
 
 $raw = "event: credits\ndata: 3\n\nevent: message\ndata: x\n\n";
-(my $q = $raw) =~ s/([^A-Za-z0-9])/sprintf '%%%02X', ord $1/ge;
-$r = $ngx->get("/plain?raw=$q&split=9", %auth);
+($r, $e) = raw_get('/plain', $raw, split => 9);
 is $r->{body}, $raw, 'without credits_cost_event: byte-identical';
-$e = entry_of($r->{headers}{'x-hold'});
 is $e->{charged}, 10, 'without credits_cost_event: charged the price';
 
 books_close('after every stream');
