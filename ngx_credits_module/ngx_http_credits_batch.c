@@ -26,7 +26,7 @@
 
 #define NGX_HTTP_CREDITS_BATCH_MAX      64     /* items per script call */
 #define NGX_HTTP_CREDITS_BATCH_BUCKETS  64     /* open batches, by project */
-#define NGX_HTTP_CREDITS_BATCH_ARGS     4      /* per item, at most */
+#define NGX_HTTP_CREDITS_BATCH_ARGS     12     /* per item, at most */
 #define NGX_HTTP_CREDITS_BATCH_POOL     4096
 #define NGX_HTTP_CREDITS_BATCH_SPARE    16     /* pools kept for reuse */
 
@@ -101,7 +101,7 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
         return NULL;
     }
 
-    size = sizeof(ngx_http_credits_batch_item_t)
+    size = sizeof(ngx_http_credits_batch_item_t) + nargs * sizeof(ngx_str_t)
            + ngx_http_credits_batch_strs_size(args, nargs);
 
     b = ngx_http_credits_batch_open(script, keys);
@@ -120,9 +120,10 @@ ngx_http_credits_batch_add(ngx_http_credits_script_t *script, ngx_str_t *keys,
     item->data = data;
     item->start = ngx_current_msec;
     item->nargs = nargs;
+    item->args = (ngx_str_t *) (item + 1);
 
     ngx_http_credits_batch_copy_strs(item->args, args, nargs,
-                                     (u_char *) (item + 1));
+                                     (u_char *) (item->args + nargs));
 
     *b->last = item;
     b->last = &item->next;

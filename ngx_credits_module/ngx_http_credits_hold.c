@@ -41,7 +41,8 @@ static ngx_http_variable_value_t *ngx_http_credits_request_id(
     ngx_http_request_t *r, ngx_int_t index);
 static ngx_int_t ngx_http_credits_hold_send(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_script_t *script,
-    ngx_str_t *args, ngx_http_credits_batch_handler_pt handler);
+    ngx_str_t *args, ngx_uint_t nargs,
+    ngx_http_credits_batch_handler_pt handler);
 static void ngx_http_credits_hold_handler(ngx_http_credits_batch_item_t *item,
     redisReply *reply);
 static void ngx_http_credits_move_handler(ngx_http_credits_batch_item_t *item,
@@ -130,7 +131,10 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_loc_conf_t *lcf)
 {
     u_char     ttl[NGX_INT_T_LEN], price[NGX_INT_T_LEN];
-    ngx_str_t  args[4];
+    ngx_int_t  n;
+    ngx_str_t  args[4 + 4 * 2], base;
+
+    static u_char  counted[] = "012";
 
     if (ngx_http_credits_hold_keys(r, ctx) != NGX_OK
         || ngx_http_credits_member(r, ctx, ctx->price, &ctx->member) != NGX_OK)
@@ -139,7 +143,18 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return NGX_OK;
     }
 
-    /* member, price, ttl, limits of the member's counters */
+    /* "credits:{P}:", where the project's counters are */
+
+    base.data = ctx->keys[0].data;
+    base.len = ctx->keys[0].len - (sizeof("balance") - 1);
+
+    n = ngx_http_credits_counter_args(r, ctx, lcf, &base, &args[4]);
+    if (n == NGX_ERROR) {
+        ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_OK;
+    }
+
+    /* member, price, ttl, N, and N counters (lua/hold.lua) */
 
     args[0] = ctx->member;
     args[1].data = price;
@@ -147,12 +162,14 @@ ngx_http_credits_hold(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].data = ttl;
     args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
                   - ttl;
-    args[3] = ctx->limits;
+    args[3].data = &counted[n];
+    args[3].len = 1;
 
     ctx->amount = ctx->price;
 
     return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_hold_script,
-                                      args, ngx_http_credits_hold_handler);
+                                      args, 4 + 4 * n,
+                                      ngx_http_credits_hold_handler);
 }
 
 
@@ -193,18 +210,18 @@ ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[3] = ctx->limits;
 
     return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_move_script,
-                                      args, ngx_http_credits_move_handler);
+                                      args, 4, ngx_http_credits_move_handler);
 }
 
 
 static ngx_int_t
 ngx_http_credits_hold_send(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
-    ngx_http_credits_script_t *script, ngx_str_t *args,
+    ngx_http_credits_script_t *script, ngx_str_t *args, ngx_uint_t nargs,
     ngx_http_credits_batch_handler_pt handler)
 {
     ngx_http_credits_main_conf_t  *cmcf;
 
-    ctx->item = ngx_http_credits_batch_add(script, ctx->keys, args, 4,
+    ctx->item = ngx_http_credits_batch_add(script, ctx->keys, args, nargs,
                                            handler, ctx);
 
     if (ctx->item == NULL) {

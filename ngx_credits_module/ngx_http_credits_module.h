@@ -205,7 +205,7 @@ struct ngx_http_credits_batch_item_s {
     void                               *data;    /* NULL: caller is gone */
     ngx_msec_t                          start;
     ngx_uint_t                          nargs;
-    ngx_str_t                           args[4]; /* copies, after the item */
+    ngx_str_t                          *args;    /* copies, after the item */
 };
 
 
@@ -258,6 +258,7 @@ typedef struct {
     ngx_str_t                       token;        /* verified */
     ngx_str_t                       refs;         /* window counters */
     ngx_str_t                       limits;       /* theirs, in order */
+    ngx_str_t                       visitor;      /* hashed, in refs */
     time_t                          ends[2];      /* visitor, budget window */
     ngx_int_t                       limit;        /* what a 429 says */
     time_t                          retry_at;     /* ... and its window end */
@@ -324,6 +325,9 @@ char *ngx_http_credits_merge_limits(ngx_conf_t *cf,
     ngx_http_credits_loc_conf_t *prev, ngx_http_credits_loc_conf_t *conf);
 ngx_int_t ngx_http_credits_counters(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+ngx_int_t ngx_http_credits_counter_args(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf,
+    ngx_str_t *base, ngx_str_t *args);
 void ngx_http_credits_limited(ngx_http_credits_ctx_t *ctx, ngx_int_t code,
     ngx_int_t limit);
 time_t ngx_http_credits_window_left(ngx_http_credits_ctx_t *ctx);

@@ -37,7 +37,7 @@ static ngx_int_t ngx_http_credits_counter_name(ngx_conf_t *cf,
     ngx_http_credits_limit_t *l, ngx_str_t *route, const char *directive);
 static ngx_str_t *ngx_http_credits_limit_name(ngx_http_credits_limit_t *l,
     ngx_http_credits_loc_conf_t *lcf);
-static u_char *ngx_http_credits_ref(u_char *p, u_char kind,
+static u_char *ngx_http_credits_ref(u_char *p, u_char kind, u_char sep,
     ngx_http_credits_limit_t *l, ngx_http_credits_loc_conf_t *lcf,
     time_t start);
 static ngx_int_t ngx_http_credits_visitor_id(ngx_http_request_t *r,
@@ -253,6 +253,7 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 
     ngx_str_null(&ctx->refs);
     ngx_str_null(&ctx->limits);
+    ngx_str_null(&ctx->visitor);
 
     l[0] = &lcf->visitor_limit;
     l[1] = &lcf->budget;
@@ -291,10 +292,13 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         start = now - now % l[i]->period;
         ctx->ends[i] = start + l[i]->period;
 
-        p = ngx_http_credits_ref(p, i ? 'b' : 'v', l[i], lcf, start);
+        *p++ = ';';
+        p = ngx_http_credits_ref(p, i ? 'b' : 'v', ',', l[i], lcf, start);
 
         if (i == 0) {
             *p++ = ',';
+            ctx->visitor.data = p;
+            ctx->visitor.len = sizeof(id);
             p = ngx_cpymem(p, id, sizeof(id));
         }
 
@@ -312,21 +316,101 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 }
 
 
+/*
+ * The hold script's arguments for the request's counters, the ones its
+ * member's refs name, ready for use: key (base is "credits:{P}:"), limit,
+ * PXAT of the key (a minute after the window), and the budget's name
+ * ("" for the visitor's limit).  Returns how many counters, or NGX_ERROR.
+ */
+
+ngx_int_t
+ngx_http_credits_counter_args(ngx_http_request_t *r,
+    ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf,
+    ngx_str_t *base, ngx_str_t *args)
+{
+    u_char                    *p, *start;
+    ngx_uint_t                 i, n;
+    ngx_http_credits_limit_t  *l[2];
+
+    if (ctx->refs.len == 0) {
+        return 0;
+    }
+
+    l[0] = &lcf->visitor_limit;
+    l[1] = &lcf->budget;
+
+    p = ngx_pnalloc(r->pool,
+                    2 * (base->len + sizeof("v:::") - 1
+                         + NGX_HTTP_CREDITS_NAME_MAX + 4 * NGX_INT_T_LEN)
+                    + 1 + ctx->visitor.len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    n = 0;
+
+    for (i = 0; i < 2; i++) {
+        if (l[i]->limit == NGX_CONF_UNSET) {
+            continue;
+        }
+
+        start = p;
+        p = ngx_cpymem(p, base->data, base->len);
+        p = ngx_http_credits_ref(p, i ? 'b' : 'v', ':', l[i], lcf,
+                                 ctx->ends[i] - l[i]->period);
+
+        if (i == 0) {
+            *p++ = ':';
+            p = ngx_cpymem(p, ctx->visitor.data, ctx->visitor.len);
+        }
+
+        args[0].data = start;
+        args[0].len = p - start;
+
+        args[1].data = p;
+        p = ngx_http_credits_write_int(p, l[i]->limit);
+        args[1].len = p - args[1].data;
+
+        args[2].data = p;
+        p = ngx_http_credits_write_int(p, (ngx_int_t) ctx->ends[i] * 1000
+                                          + 60000);
+        args[2].len = p - args[2].data;
+
+        if (i == 0) {
+            ngx_str_null(&args[3]);
+
+        } else {
+            args[3] = *ngx_http_credits_limit_name(l[i], lcf);
+        }
+
+        args += 4;
+        n++;
+    }
+
+    return n;
+}
+
+
+/*
+ * A counter "KIND,NAME,PERIOD,START" as a member's ref names it, or
+ * "KIND:NAME:PERIOD:START" as its key ends (a name has neither separator)
+ */
+
 static u_char *
-ngx_http_credits_ref(u_char *p, u_char kind, ngx_http_credits_limit_t *l,
-    ngx_http_credits_loc_conf_t *lcf, time_t start)
+ngx_http_credits_ref(u_char *p, u_char kind, u_char sep,
+    ngx_http_credits_limit_t *l, ngx_http_credits_loc_conf_t *lcf,
+    time_t start)
 {
     ngx_str_t  *name;
 
     name = ngx_http_credits_limit_name(l, lcf);
 
-    *p++ = ';';
     *p++ = kind;
-    *p++ = ',';
+    *p++ = sep;
     p = ngx_cpymem(p, name->data, name->len);
-    *p++ = ',';
+    *p++ = sep;
     p = ngx_http_credits_write_int(p, (ngx_int_t) l->period);
-    *p++ = ',';
+    *p++ = sep;
 
     return ngx_http_credits_write_int(p, (ngx_int_t) start);
 }

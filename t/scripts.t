@@ -21,7 +21,7 @@ my @keys = map { "credits:{$p}:$_" } qw(balance holds ledger);
 my $start = 20;
 $redis->cmd('SET', $keys[0], $start);
 
-# member, price, ttl per hold; no window counters (t/visitors.t has them)
+# member, price, ttl per hold; no window counters (below)
 sub hold {
     my @a = @_;
     my @args;
@@ -113,13 +113,18 @@ is_deeply [ @$e{qw(outcome held charged status)} ], ['expire', 4, 0, 0],
 like $e->{ts}, qr/^\d{13}$/, 'expire: ts in whole ms';
 books_balance('after expiry');
 
-# window counters: a member "<id>;<ref>...:<held>:<route>" names them, the
-# hold's last argument gives their limits; all or nothing, and back on
-# release, commit below the price, expiry and move
+# window counters: a member "<id>;<ref>...:<held>:<route>" names them
+# (for settle, expiry and move), and the hold gets them ready-made after
+# its member, price and ttl: N, then key, limit, PXAT, budget name for
+# each; all or nothing, and back on release, commit below the price,
+# expiry and move
 my $win = int(time() / 3600) * 3600;
 my $vref = "v,w,3600,$win,abc";
 my $bref = "b,w,3600,$win";
 my ($vkey, $bkey) = map { "credits:{$p}:" . s/,/:/gr } $vref, $bref;
+my $pxat = ($win + 3600) * 1000 + 60000;
+sub vc { ($vkey, $_[0], $pxat, '') }
+sub bc { ($bkey, $_[0], $pxat, 'w') }
 sub hold4 { $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, @_) }
 sub move { $redis->cmd('EVALSHA', $sha{move}, 3, @keys, @_) }
 {
@@ -128,34 +133,43 @@ sub move { $redis->cmd('EVALSHA', $sha{move}, 3, @keys, @_) }
     $start = 100 + $charged + $held;
 }
 
-$r = hold4("w1;$vref;$bref:2:w", 2, 60000, '3,10',
-           "w2;$vref;$bref:2:w", 2, 60000, '3,10');
+$r = hold4("w1;$vref;$bref:2:w", 2, 60000, 2, vc(3), bc(10),
+           "w2;$vref;$bref:2:w", 2, 60000, 2, vc(3), bc(10));
 is_deeply $r, [1, 98, 2, 3], 'counters: the second hold would pass the visitor limit of 3: code 2, the limit';
 is $redis->cmd('GET', $vkey), 2, '... the visitor counter holds the first';
 is $redis->cmd('GET', $bkey), 2, '... and so does the budget';
 cmp_ok $redis->cmd('PTTL', $vkey), '<=', ($win + 3600 - time()) * 1000 + 61000,
     '... expiring a minute after the window';
+cmp_ok $redis->cmd('PTTL', $vkey), '>', ($win + 3600 - time()) * 1000 + 58000,
+    '... at the PXAT the hold gave';
 is $redis->cmd('ZSCORE', $keys[1], "w2;$vref;$bref:2:w"), undef, '... the refused hold is not placed';
 
 $redis->cmd('HSET', "credits:{$p}:budgets", 'w', 3);
-is_deeply hold4("w3;$bref:2:w", 2, 60000, '10'), [3, 3],
+is_deeply hold4("w3;$bref:2:w", 2, 60000, 1, bc(10)), [3, 3],
     "counters: the project's own budget (3) over the configured one: code 3";
 $redis->cmd('HSET', "credits:{$p}:budgets", 'w', 'lots');
-is_deeply hold4("w3;$bref:2:w", 2, 60000, '4'), [1, 96],
+is_deeply hold4("w3;$bref:2:w", 2, 60000, 1, bc(4)), [1, 96],
     '... one that is not a whole number is ignored';
 $redis->cmd('HDEL', "credits:{$p}:budgets", 'w');
 is $redis->cmd('GET', $bkey), 4, '... the budget counts both';
 
-for my $bad (['w4;x,w,1,1:1:w', '1'], ["w4;$vref:1:w", ''], ["w4;$vref:1:w", '1,2'],
-             ["w4;$vref:1:w", '1.5'], ['w4:1:w', '5']) {
-    like '' . hold4('w5:1:w', 1, 60000, '', $bad->[0], 1, 60000, $bad->[1]),
-        qr/not valid/, "counters: member '$bad->[0]', limits '$bad->[1]' is an error";
-}
-for my $bad ("w4;$vref", "w4;$vref:x:w", "w4;$vref:1") {
-    like '' . hold4('w5:1:w', 1, 60000, '', $bad, 1, 60000, '1'),
-        qr/is not <id>:<held>:<route>/, "counters: member '$bad' is an error";
+# a malformed counter anywhere in the batch: an error, nothing written
+for my $bad (['x', vc(1)], [2, vc(1)], [1, $vkey, '1.5', $pxat, ''],
+             [1, $vkey, 1, 'soon', ''], [1, $vkey, 1, $pxat],
+             [1, "credits:{other}:v:w:3600:$win:abc", 1, $pxat, ''],
+             [-1, vc(1)]) {
+    like '' . hold4('w5:1:w', 1, 60000, '', "w4;$vref:1:w", 1, 60000, @$bad),
+        qr/not valid|not member, price/, "counters: '@$bad' is an error";
 }
 is $redis->cmd('ZCARD', $keys[1]), 4, '... and nothing of those batches is written';
+is $redis->cmd('GET', $vkey), 2, '... nor counted';
+like '' . hold4(), qr/no holds/, 'hold: no holds is an error';
+
+# a move reads members: a malformed one is an error
+for my $bad ("w4;$vref", "w4;$vref:x:w", "w4;$vref:1", 'w4;x,w,1,1:1:w') {
+    like '' . move("w3;$bref:2:w", $bad, 60000, '1'),
+        qr/not valid|is not <id>:<held>:<route>/, "move: member '$bad' is an error";
+}
 
 is_deeply settle("w3;$bref:2:w", 1, 200, 'commit'), [1], 'counters: commit at 1 of 2';
 is $redis->cmd('GET', $bkey), 3, '... the budget keeps 1 of it';
@@ -168,7 +182,7 @@ is entry('w1')->{request_id}, 'w1', '... the ledger has the hold id alone';
 # member's others give it back; refused by a limit, nothing changes
 my $v2ref = "v,x,3600,$win,abc";
 my $v2key = "credits:{$p}:" . ($v2ref =~ s/,/:/gr);
-hold4("m1;$vref:2:w", 2, 60000, '3');
+hold4("m1;$vref:2:w", 2, 60000, 1, vc(3));
 is_deeply move("m1;$vref:2:w", "m1;$vref;$v2ref:3:x", 60000, '3,2'), [2, 2],
     'move: 3 more than the other visitor limit of 2: code 2, the limit';
 is $redis->cmd('GET', $vkey), 2, '... the old counter unchanged';
@@ -182,7 +196,7 @@ is $redis->cmd('GET', $vkey), 0, '... the one left gets it back';
 is $redis->cmd('GET', $v2key), 3, '... the other keeps it';
 
 # expiry gives back too
-hold4("e1;$v2ref:1:y", 1, 1, '5');
+hold4("e1;$v2ref:1:y", 1, 1, 1, $v2key, 5, $pxat, '');
 is $redis->cmd('GET', $v2key), 4, 'expire: a short hold counted';
 select undef, undef, undef, 0.05;
 settle('nobody:1:gen', '1', 200, 'commit');

@@ -53,10 +53,10 @@ end
 -- id, held (as written in the member), route, refs of its counters
 local function parse_hold(member)
     local id, held, route = string.match(member, '^([^:]+):(%d+):(.*)$')
+    local semi = id and string.find(id, ';', 1, true)
 
-    if id and string.find(id, ';', 1, true) then
-        local rid, refs = string.match(id, '^([^;]*)(.*)$')
-        return rid, held, route, refs
+    if semi then
+        return string.sub(id, 1, semi - 1), held, route, string.sub(id, semi)
     end
 
     return id, held, route, ''
@@ -221,21 +221,17 @@ local function counters(member, limits)
     return list, lims
 end
 
--- a counter's limit: a budget's is the project's own in
--- credits:{P}:budgets when that is a whole number
+-- the limit of a budget of that name: the project's own in
+-- credits:{P}:budgets when that is a whole number, else the configured one
 local budgets = {}
 
-local function limit_of(c, limit)
-    if c[2] ~= 'b' then
-        return limit
-    end
-
-    local own = budgets[c]
+local function budget_of(name, limit)
+    local own = budgets[name]
 
     if own == nil then
-        own = redis.call('HGET', base .. 'budgets', c[3])
+        own = redis.call('HGET', base .. 'budgets', name)
         own = own and whole(own) and tonumber(own) or false
-        budgets[c] = own
+        budgets[name] = own
     end
 
     return own or limit
@@ -243,8 +239,9 @@ end
 
 -- what the counters have spent in their windows: read once per call,
 -- written once at its end (tally_write), each expiring a minute after
--- its window (a give-back later finds it gone and does nothing)
-local tally, tally_ends = {}, {}
+-- its window (a give-back later finds it gone and does nothing); key ->
+-- spent, key -> the PXAT it is written with
+local tally, tally_pxats = {}, {}
 
 local function spent(key)
     local n = tally[key]
@@ -264,7 +261,7 @@ local function over(list, lims, need)
         local n = type(need) == 'number' and need or need(c)
 
         if n > 0 then
-            local limit = limit_of(c, lims[i])
+            local limit = c[2] == 'b' and budget_of(c[3], lims[i]) or lims[i]
 
             if spent(c[1]) + n > limit then
                 return c[2] == 'v' and 2 or 3, limit
@@ -278,13 +275,13 @@ local function count(list, n)
         local k = type(n) == 'number' and n or n(c)
 
         tally[c[1]] = math.max(0, spent(c[1]) + k)
-        tally_ends[c[1]] = c
+        tally_pxats[c[1]] = counter_pxat(c)
     end
 end
 
 local function tally_write()
-    for key, c in pairs(tally_ends) do
-        redis.call('SET', key, int(tally[key]), 'PXAT', counter_pxat(c))
+    for key, pxat in pairs(tally_pxats) do
+        redis.call('SET', key, int(tally[key]), 'PXAT', pxat)
     end
 end
 
