@@ -6,23 +6,29 @@
  * piece: the byte-wise reading only): the client's bytes and the costs
  * found are the same however the stream is split, never more bytes come
  * out than went in, and a stream without the cost event's name comes out
- * unchanged.
+ * unchanged.  The first byte also picks the name: names with bytes that
+ * repeat test the search for the name.
  */
 
 #include "fuzz_common.h"
 
 
-static ngx_str_t  fuzz_name = ngx_string("credits");
+static ngx_str_t  fuzz_names[] = {
+    ngx_string("credits"),
+    ngx_string("c"),
+    ngx_string("cc"),
+    ngx_string("abab")
+};
 
 
 static size_t
-fuzz_parse(ngx_pool_t *pool, u_char *p, size_t size, size_t piece,
-    u_char *out, ngx_http_credits_sse_t *sse)
+fuzz_parse(ngx_pool_t *pool, ngx_str_t *name, u_char *p, size_t size,
+    size_t piece, u_char *out, ngx_http_credits_sse_t *sse)
 {
     u_char  *o, *last;
     size_t   n;
 
-    if (ngx_http_credits_sse_init(sse, &fuzz_name, pool) != NGX_OK) {
+    if (ngx_http_credits_sse_init(sse, name, pool) != NGX_OK) {
         __builtin_trap();
     }
 
@@ -44,6 +50,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     u_char                  *one, *many, *bytes;
     size_t                   n1, n2, n3, piece;
+    ngx_str_t               *name;
     ngx_pool_t              *pool;
     ngx_http_credits_sse_t   a, b, c;
 
@@ -54,6 +61,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     piece = 1 + data[0] % 13;
+    name = &fuzz_names[data[0] / 13 % 4];
     data++;
     size--;
 
@@ -66,9 +74,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         __builtin_trap();
     }
 
-    n1 = fuzz_parse(pool, (u_char *) data, size, size ? size : 1, one, &a);
-    n2 = fuzz_parse(pool, (u_char *) data, size, piece, many, &b);
-    n3 = fuzz_parse(pool, (u_char *) data, size, 1, bytes, &c);
+    n1 = fuzz_parse(pool, name, (u_char *) data, size, size ? size : 1, one,
+                    &a);
+    n2 = fuzz_parse(pool, name, (u_char *) data, size, piece, many, &b);
+    n3 = fuzz_parse(pool, name, (u_char *) data, size, 1, bytes, &c);
 
     if (n1 > size || n1 != n2 || ngx_memcmp(one, many, n1) != 0
         || a.cost != b.cost || a.costs != b.costs || a.bad != b.bad
@@ -79,7 +88,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     if (ngx_strlcasestrn((u_char *) data, (u_char *) data + size,
-                         (u_char *) "credits", 7 - 1) == NULL
+                         name->data, name->len - 1) == NULL
         && (n1 != size || ngx_memcmp(one, data, size) != 0))
     {
         __builtin_trap();

@@ -224,6 +224,7 @@ typedef struct {
     ngx_int_t                   cost;         /* the last cost reported */
     ngx_uint_t                  costs;        /* cost events read */
     ngx_uint_t                  bad;          /* ... without a usable cost */
+    u_char                      shift[256];   /* to find the name */
     unsigned                    ended:2;      /* a CR ended an event: kept? */
     unsigned                    cr:1;
     unsigned                    empty:1;      /* at the start of a line */

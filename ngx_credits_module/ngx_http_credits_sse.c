@@ -17,8 +17,11 @@
  * no cost event: its bytes pass on as they come.
  *
  * Most events arrive whole, with LF line ends: those are read where they
- * are, a memchr() per line, and given out a run of events at a time
- * (ngx_http_credits_sse_events); the byte-wise reading above takes what
+ * are and given out a run of events at a time (ngx_http_credits_sse_events).
+ * Only an event with a line "event: NAME" can be a cost event: events
+ * before the next such line are not read at all (a search for NAME
+ * finds it),
+ * the others a memchr() per line.  The byte-wise reading above takes what
  * is left: an event split between buffers, CRs, overlong events.
  *
  * No nginx request here: the response filter feeds the bytes, and the
@@ -34,6 +37,11 @@
 
 static u_char *ngx_http_credits_sse_events(ngx_http_credits_sse_t *sse,
     u_char *p, u_char *last, u_char **out);
+static u_char *ngx_http_credits_sse_skip(ngx_http_credits_sse_t *sse,
+    u_char *p, u_char *last);
+static u_char *ngx_http_credits_sse_find(ngx_http_credits_sse_t *sse,
+    u_char *p, u_char *last);
+static u_char *ngx_http_credits_sse_event_start(u_char *p, u_char *x);
 static u_char *ngx_http_credits_sse_eol(u_char *p, u_char *last);
 static ngx_inline u_char *ngx_http_credits_sse_byte(
     ngx_http_credits_sse_t *sse, u_char c, u_char *out);
@@ -53,6 +61,8 @@ ngx_int_t
 ngx_http_credits_sse_init(ngx_http_credits_sse_t *sse, ngx_str_t *name,
     ngx_pool_t *pool)
 {
+    size_t  i;
+
     ngx_memzero(sse, sizeof(ngx_http_credits_sse_t));
 
     sse->name = *name;
@@ -63,6 +73,18 @@ ngx_http_credits_sse_init(ngx_http_credits_sse_t *sse, ngx_str_t *name,
 
     sse->cost = -1;
     sse->empty = 1;     /* at the start of a line */
+
+    /*
+     * Horspool's shifts: how far the search for the name moves on when c
+     * is the byte under the name's last one (a shift of at most 255 bytes
+     * is still safe for a longer name)
+     */
+
+    ngx_memset(sse->shift, ngx_min(name->len, 255), sizeof(sse->shift));
+
+    for (i = 0; i + 1 < name->len; i++) {
+        sse->shift[name->data[i]] = ngx_min(name->len - 1 - i, 255);
+    }
 
     return NGX_OK;
 }
@@ -175,12 +197,24 @@ static u_char *
 ngx_http_credits_sse_events(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last, u_char **out)
 {
-    u_char  *start, *given, *line, *lf;
+    u_char  *start, *given, *line, *lf, *skip;
 
     given = p;
     start = p;
+    skip = p;
 
     while (p < last) {
+
+        if (p >= skip) {
+            /* the events before the next one that may be a cost event */
+            p = ngx_http_credits_sse_skip(sse, p, last);
+            start = p;
+            skip = p + 1;
+
+            if (p == last) {
+                break;
+            }
+        }
 
         for (line = p; /* void */ ; line = lf + 1) {
             lf = memchr(line, '\n', last - line);
@@ -218,6 +252,98 @@ partial:
     *out = ngx_cpymem(*out, given, start - given);
 
     return start;
+}
+
+
+/*
+ * Where the first event in p .. last (whole events from p, no CR) that
+ * has a line "event:NAME" or "event: NAME" starts; with no such line,
+ * where the last whole event ends.  The events before it are no cost
+ * events: they pass unread.
+ */
+
+static u_char *
+ngx_http_credits_sse_skip(ngx_http_credits_sse_t *sse, u_char *p,
+    u_char *last)
+{
+    u_char  *name, *line;
+
+    for (name = p; /* void */ ; name++) {
+        name = ngx_http_credits_sse_find(sse, name, last);
+
+        if (name == NULL) {
+            return ngx_http_credits_sse_event_start(p, last);
+        }
+
+        /* the name is the whole value of an "event" field */
+
+        if (name + sse->name.len == last || name[sse->name.len] != '\n') {
+            continue;
+        }
+
+        line = name - (sizeof("event:") - 1);
+
+        if (line - 1 >= p && name[-1] == ' ') {
+            line--;
+        }
+
+        if (line >= p
+            && ngx_memcmp(line, "event:", sizeof("event:") - 1) == 0
+            && (line == p || line[-1] == '\n'))
+        {
+            return ngx_http_credits_sse_event_start(p, line);
+        }
+    }
+}
+
+
+/* where the name is first found in p .. last, or NULL */
+
+static u_char *
+ngx_http_credits_sse_find(ngx_http_credits_sse_t *sse, u_char *p,
+    u_char *last)
+{
+    u_char  *s, c;
+    size_t   n;
+
+    n = sse->name.len;
+    c = sse->name.data[n - 1];
+
+    for (s = p + n - 1; s < last; s += sse->shift[*s]) {
+        if (*s == c
+            && ngx_memcmp(s - (n - 1), sse->name.data, n - 1) == 0)
+        {
+            return s - (n - 1);
+        }
+    }
+
+    return NULL;
+}
+
+
+/* the start of the event that x is in: after the last empty line before
+ * it, or p (an event's start) */
+
+static u_char *
+ngx_http_credits_sse_event_start(u_char *p, u_char *x)
+{
+    u_char  *lf;
+
+    while (x > p) {
+        lf = memrchr(p, '\n', x - p);
+
+        if (lf == NULL) {
+            break;
+        }
+
+        if (lf == p || lf[-1] == '\n') {
+            return lf + 1;
+        }
+
+        x = lf;
+    }
+
+    return p;
 }
 
 
