@@ -43,8 +43,18 @@ sub token_variants {
     };
 }
 
-# the stand-in's streamed answer, as a "return 200 '...'" of nginx: 50
-# message events and a cost event after every tenth (costs 10 .. 50)
+# The stand-in upstream's location of a streamed answer: 50 message
+# events and a cost event after every tenth (costs 10 .. 50), sent
+# chunked, with no length, as an AI service streams (SSI on, finding
+# nothing to include, is what drops the length): a length sent up front
+# would spare plain proxy the stream's last chunk, which no stream has.
+sub sse_location {
+    my $body = sse_body();
+    return "location /ai/sse { default_type text/event-stream; ssi on; "
+         . "ssi_types text/event-stream; return 200 '$body'; }";
+}
+
+# the streamed answer, as a "return 200 '...'" of nginx
 sub sse_body {
     return join '', map { "event: message\\ndata: {\\\"token\\\":$_}\\n\\n"
                           . ($_ % 10 ? '' : "event: credits\\ndata: $_\\n\\n") } 1 .. 50;
