@@ -63,9 +63,9 @@ local function parse_hold(member)
 end
 
 -- A counter of a ref: {key, kind ('b' or 'v'), name, period, start},
--- false if the ref is malformed.  A batch's holds mostly share a budget
--- and its limits: each ref and limits argument is read once per call.
-local seen_refs, seen_lists, seen_limits = {}, {}, {}
+-- false if the ref is malformed.  A batch's holds mostly share a budget:
+-- each ref is read once per call.
+local seen_refs, seen_lists = {}, {}
 
 local function counter(ref)
     local c = seen_refs[ref]
@@ -92,28 +92,6 @@ local function counter(ref)
     end
 
     return c
-end
-
--- when a counter's key expires, as PXAT's argument: a minute after its
--- window; formatted once per window a call meets
-local pxats = {}
-
-local function counter_pxat(c)
-    local of_period = pxats[c[4]]
-
-    if of_period == nil then
-        of_period = {}
-        pxats[c[4]] = of_period
-    end
-
-    local pxat = of_period[c[5]]
-
-    if pxat == nil then
-        pxat = int((tonumber(c[5]) + tonumber(c[4])) * 1000 + 60000)
-        of_period[c[5]] = pxat
-    end
-
-    return pxat
 end
 
 -- the counters of a member's refs, in order; false if one is malformed
@@ -150,28 +128,6 @@ local function counter_list(refs)
     return list
 end
 
--- the limits argument "l1,l2" as numbers; false if one is not whole
-local function limit_list(limits)
-    local list = seen_limits[limits]
-
-    if list == nil then
-        list = {}
-
-        for l in string.gmatch(limits, '[^,]+') do
-            if not whole(l) then
-                list = false
-                break
-            end
-
-            list[#list + 1] = tonumber(l)
-        end
-
-        seen_limits[limits] = list
-    end
-
-    return list
-end
-
 -- gives n credits back to the counters of refs that still exist (a
 -- counter gone with its window is not made again)
 local function give_back(refs, n)
@@ -186,39 +142,6 @@ local function give_back(refs, n)
             redis.call('SET', c[1], int(math.max(0, spent - n)), 'KEEPTTL')
         end
     end
-end
-
--- The window counters a member names and their limits (ARGV "l1,l2", in
--- the order of the refs; nil: not checked): two lists, or nil and what
--- is wrong.
-local no_counters = {}
-
-local function counters(member, limits)
-    -- most holds count in no window: no parsing for them
-    local semi = string.find(member, ';', 1, true)
-
-    if (limits == nil or limits == '') and not semi then
-        return no_counters, no_counters
-    end
-
-    -- the refs: from a ';' before the first ':' up to it
-    local colon = string.find(member, ':', 1, true)
-
-    if not colon or not string.find(member, '^%d+:', colon + 1) then
-        return nil, 'a member is not <id>:<held>:<route>'
-    end
-
-    local refs = (semi and semi < colon) and string.sub(member, semi, colon - 1)
-                 or ''
-
-    local list = counter_list(refs)
-    local lims = limits and limit_list(limits)
-
-    if not list or (limits and not (lims and #lims == #list)) then
-        return nil, 'counters or their limits are not valid'
-    end
-
-    return list, lims
 end
 
 -- the limit of a budget of that name: the project's own in
@@ -252,31 +175,6 @@ local function spent(key)
     end
 
     return n
-end
-
--- the first counter that "need" (a function of the counter, or a number)
--- would take past its limit: code 2 (a visitor) or 3 (the budget), limit
-local function over(list, lims, need)
-    for i, c in ipairs(list) do
-        local n = type(need) == 'number' and need or need(c)
-
-        if n > 0 then
-            local limit = c[2] == 'b' and budget_of(c[3], lims[i]) or lims[i]
-
-            if spent(c[1]) + n > limit then
-                return c[2] == 'v' and 2 or 3, limit
-            end
-        end
-    end
-end
-
-local function count(list, n)
-    for _, c in ipairs(list) do
-        local k = type(n) == 'number' and n or n(c)
-
-        tally[c[1]] = math.max(0, spent(c[1]) + k)
-        tally_pxats[c[1]] = counter_pxat(c)
-    end
 end
 
 local function tally_write()

@@ -12,6 +12,113 @@
 -- limit or the budget would be passed (the limit); the old hold stays
 -- as it was unless the code is 1.
 
+-- A move reads the counters from the members (a move is rare: the hold,
+-- run for every request, gets them ready-made), with their limits.
+
+-- when a counter's key expires, as PXAT's argument: a minute after its
+-- window; formatted once per window a call meets
+local pxats = {}
+
+local function counter_pxat(c)
+    local of_period = pxats[c[4]]
+
+    if of_period == nil then
+        of_period = {}
+        pxats[c[4]] = of_period
+    end
+
+    local pxat = of_period[c[5]]
+
+    if pxat == nil then
+        pxat = int((tonumber(c[5]) + tonumber(c[4])) * 1000 + 60000)
+        of_period[c[5]] = pxat
+    end
+
+    return pxat
+end
+
+local seen_limits = {}
+
+-- the limits argument "l1,l2" as numbers; false if one is not whole
+local function limit_list(limits)
+    local list = seen_limits[limits]
+
+    if list == nil then
+        list = {}
+
+        for l in string.gmatch(limits, '[^,]+') do
+            if not whole(l) then
+                list = false
+                break
+            end
+
+            list[#list + 1] = tonumber(l)
+        end
+
+        seen_limits[limits] = list
+    end
+
+    return list
+end
+
+-- The window counters a member names and their limits (ARGV "l1,l2", in
+-- the order of the refs; nil: not checked): two lists, or nil and what
+-- is wrong.
+local no_counters = {}
+
+local function counters(member, limits)
+    -- most holds count in no window: no parsing for them
+    local semi = string.find(member, ';', 1, true)
+
+    if (limits == nil or limits == '') and not semi then
+        return no_counters, no_counters
+    end
+
+    -- the refs: from a ';' before the first ':' up to it
+    local colon = string.find(member, ':', 1, true)
+
+    if not colon or not string.find(member, '^%d+:', colon + 1) then
+        return nil, 'a member is not <id>:<held>:<route>'
+    end
+
+    local refs = (semi and semi < colon) and string.sub(member, semi, colon - 1)
+                 or ''
+
+    local list = counter_list(refs)
+    local lims = limits and limit_list(limits)
+
+    if not list or (limits and not (lims and #lims == #list)) then
+        return nil, 'counters or their limits are not valid'
+    end
+
+    return list, lims
+end
+
+-- the first counter that "need" (a function of the counter, or a number)
+-- would take past its limit: code 2 (a visitor) or 3 (the budget), limit
+local function over(list, lims, need)
+    for i, c in ipairs(list) do
+        local n = type(need) == 'number' and need or need(c)
+
+        if n > 0 then
+            local limit = c[2] == 'b' and budget_of(c[3], lims[i]) or lims[i]
+
+            if spent(c[1]) + n > limit then
+                return c[2] == 'v' and 2 or 3, limit
+            end
+        end
+    end
+end
+
+local function count(list, n)
+    for _, c in ipairs(list) do
+        local k = type(n) == 'number' and n or n(c)
+
+        tally[c[1]] = math.max(0, spent(c[1]) + k)
+        tally_pxats[c[1]] = counter_pxat(c)
+    end
+end
+
 if #ARGV == 0 or #ARGV % 4 ~= 0 then
     return redis.error_reply('move: ARGV is not old member, new member, '
                              .. 'ttl, limits quadruples')
