@@ -207,7 +207,10 @@ ngx_http_credits_move(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].data = ttl;
     args[2].len = ngx_http_credits_write_int(ttl, (ngx_int_t) lcf->hold_ttl)
                   - ttl;
-    args[3] = ctx->limits;
+    if (ngx_http_credits_counter_limits(r, lcf, &args[3]) != NGX_OK) {
+        ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_OK;
+    }
 
     return ngx_http_credits_hold_send(r, ctx, &ngx_http_credits_move_script,
                                       args, 4, ngx_http_credits_move_handler);

@@ -258,8 +258,6 @@ typedef struct {
     ngx_str_t                       keys[3];      /* balance, holds, ledger */
     ngx_str_t                       token;        /* verified */
     ngx_str_t                       refs;         /* window counters */
-    ngx_str_t                       limits;       /* theirs, in order */
-    ngx_str_t                       visitor;      /* hashed, in refs */
     time_t                          ends[2];      /* visitor, budget window */
     ngx_int_t                       limit;        /* what a 429 says */
     time_t                          retry_at;     /* ... and its window end */
@@ -326,6 +324,8 @@ char *ngx_http_credits_merge_limits(ngx_conf_t *cf,
     ngx_http_credits_loc_conf_t *prev, ngx_http_credits_loc_conf_t *conf);
 ngx_int_t ngx_http_credits_counters(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf);
+ngx_int_t ngx_http_credits_counter_limits(ngx_http_request_t *r,
+    ngx_http_credits_loc_conf_t *lcf, ngx_str_t *limits);
 ngx_int_t ngx_http_credits_counter_args(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf,
     ngx_str_t *base, ngx_str_t *args);

@@ -24,6 +24,16 @@ ngx_http_credits_parse_amount(u_char *p, size_t len)
 }
 
 
+/* "00" to "99": the digits of n % 100 at 2 * (n % 100) */
+
+static const u_char  ngx_http_credits_digit_pairs[] =
+    "0001020304050607080910111213141516171819"
+    "2021222324252627282930313233343536373839"
+    "4041424344454647484950515253545556575859"
+    "6061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+
+
 /*
  * n in decimal, at most NGX_INT_T_LEN bytes.  A request writes a dozen
  * numbers, most of one or two digits (the lengths in a command to Redis):
@@ -47,16 +57,27 @@ ngx_http_credits_write_int(u_char *p, ngx_int_t n)
 
     last = p + 1;
 
-    for (v = u; v >= 10; v /= 10) {
+    for (v = u; v >= 100; v /= 100) {
+        last += 2;
+    }
+
+    if (v >= 10) {
         last++;
     }
 
     p = last;
 
-    do {
-        *--p = (u_char) ('0' + u % 10);
-        u /= 10;
-    } while (u);
+    /* two digits a step: half the divisions (holds write 13-digit times) */
+
+    while (u >= 10) {
+        p -= 2;
+        ngx_memcpy(p, &ngx_http_credits_digit_pairs[2 * (u % 100)], 2);
+        u /= 100;
+    }
+
+    if (u || p == last) {
+        *--p = (u_char) ('0' + u);
+    }
 
     return last;
 }

@@ -265,7 +265,10 @@ ngx_http_credits_grow(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     args[2].len = ngx_http_credits_write_int(ttl,
                                              (ngx_int_t) ctx->lcf->hold_ttl)
                   - ttl;
-    args[3] = ctx->limits;
+
+    if (ngx_http_credits_counter_limits(r, ctx->lcf, &args[3]) != NGX_OK) {
+        return;
+    }
 
     ctx->grow_item = ngx_http_credits_batch_add(&ngx_http_credits_move_script,
                                                 ctx->keys, args, 4,

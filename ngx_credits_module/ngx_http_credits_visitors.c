@@ -37,7 +37,7 @@ static ngx_int_t ngx_http_credits_counter_name(ngx_conf_t *cf,
     ngx_http_credits_limit_t *l, ngx_str_t *route, const char *directive);
 static ngx_str_t *ngx_http_credits_limit_name(ngx_http_credits_limit_t *l,
     ngx_http_credits_loc_conf_t *lcf);
-static u_char *ngx_http_credits_ref(u_char *p, u_char kind, u_char sep,
+static u_char *ngx_http_credits_ref(u_char *p, u_char kind,
     ngx_http_credits_limit_t *l, ngx_http_credits_loc_conf_t *lcf,
     time_t start);
 static ngx_int_t ngx_http_credits_visitor_id(ngx_http_request_t *r,
@@ -238,22 +238,19 @@ ngx_http_credits_limit_name(ngx_http_credits_limit_t *l,
 /*
  * The request's counters in this location, for the hold or the move: the
  * refs its member carries (";v,NAME,PERIOD,START,ID" for the visitor,
- * ";b,NAME,PERIOD,START" for the budget) and their limits ("N,M").
+ * ";b,NAME,PERIOD,START" for the budget).
  */
 
 ngx_int_t
 ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     ngx_http_credits_loc_conf_t *lcf)
 {
-    u_char                    *p, *q, id[2 * NGX_HTTP_CREDITS_VISITOR_LEN];
-    size_t                     len;
+    u_char                    *p, id[2 * NGX_HTTP_CREDITS_VISITOR_LEN];
     time_t                     now, start;
     ngx_uint_t                 i;
     ngx_http_credits_limit_t  *l[2];
 
     ngx_str_null(&ctx->refs);
-    ngx_str_null(&ctx->limits);
-    ngx_str_null(&ctx->visitor);
 
     l[0] = &lcf->visitor_limit;
     l[1] = &lcf->budget;
@@ -268,19 +265,15 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         return NGX_ERROR;
     }
 
-    /* the refs, then the limits */
-    len = 2 * (sizeof(";v,,,") - 1 + NGX_HTTP_CREDITS_NAME_MAX
-               + 2 * NGX_INT_T_LEN)
-          + 1 + sizeof(id);
-
-    p = ngx_pnalloc(r->pool, len + 2 * (NGX_INT_T_LEN + 1));
+    p = ngx_pnalloc(r->pool, 2 * (sizeof(";v,,,") - 1
+                                  + NGX_HTTP_CREDITS_NAME_MAX
+                                  + 2 * NGX_INT_T_LEN)
+                             + 1 + sizeof(id));
     if (p == NULL) {
         return NGX_ERROR;
     }
 
     ctx->refs.data = p;
-    ctx->limits.data = p + len;
-    q = ctx->limits.data;
 
     now = ngx_time();
 
@@ -293,24 +286,53 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
         ctx->ends[i] = start + l[i]->period;
 
         *p++ = ';';
-        p = ngx_http_credits_ref(p, i ? 'b' : 'v', ',', l[i], lcf, start);
+        p = ngx_http_credits_ref(p, i ? 'b' : 'v', l[i], lcf, start);
 
         if (i == 0) {
             *p++ = ',';
-            ctx->visitor.data = p;
-            ctx->visitor.len = sizeof(id);
             p = ngx_cpymem(p, id, sizeof(id));
         }
-
-        if (q != ctx->limits.data) {
-            *q++ = ',';
-        }
-
-        q = ngx_http_credits_write_int(q, l[i]->limit);
     }
 
     ctx->refs.len = p - ctx->refs.data;
-    ctx->limits.len = q - ctx->limits.data;
+
+    return NGX_OK;
+}
+
+
+/* the limits of the location's counters, "N,M" in the refs' order (move) */
+
+ngx_int_t
+ngx_http_credits_counter_limits(ngx_http_request_t *r,
+    ngx_http_credits_loc_conf_t *lcf, ngx_str_t *limits)
+{
+    u_char                    *p;
+    ngx_uint_t                 i;
+    ngx_http_credits_limit_t  *l[2];
+
+    l[0] = &lcf->visitor_limit;
+    l[1] = &lcf->budget;
+
+    p = ngx_pnalloc(r->pool, 2 * (NGX_INT_T_LEN + 1));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    limits->data = p;
+
+    for (i = 0; i < 2; i++) {
+        if (l[i]->limit == NGX_CONF_UNSET) {
+            continue;
+        }
+
+        if (p != limits->data) {
+            *p++ = ',';
+        }
+
+        p = ngx_http_credits_write_int(p, l[i]->limit);
+    }
+
+    limits->len = p - limits->data;
 
     return NGX_OK;
 }
@@ -318,9 +340,10 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
 
 /*
  * The hold script's arguments for the request's counters, the ones its
- * member's refs name, ready for use: key (base is "credits:{P}:"), limit,
- * PXAT of the key (a minute after the window), and the budget's name
- * ("" for the visitor's limit).  Returns how many counters, or NGX_ERROR.
+ * member's refs name, ready for use: key (base "credits:{P}:" and the ref
+ * with ':' for ','), limit, PXAT of the key (a minute after the window),
+ * and the budget's name ("" for the visitor's limit).  Returns how many
+ * counters, or NGX_ERROR.
  */
 
 ngx_int_t
@@ -328,59 +351,56 @@ ngx_http_credits_counter_args(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf,
     ngx_str_t *base, ngx_str_t *args)
 {
-    u_char                    *p, *start;
-    ngx_uint_t                 i, n;
-    ngx_http_credits_limit_t  *l[2];
+    u_char                    *p, *ref, *end, *last;
+    ngx_uint_t                 n, visitor;
+    ngx_http_credits_limit_t  *l;
 
     if (ctx->refs.len == 0) {
         return 0;
     }
 
-    l[0] = &lcf->visitor_limit;
-    l[1] = &lcf->budget;
-
-    p = ngx_pnalloc(r->pool,
-                    2 * (base->len + sizeof("v:::") - 1
-                         + NGX_HTTP_CREDITS_NAME_MAX + 4 * NGX_INT_T_LEN)
-                    + 1 + ctx->visitor.len);
+    p = ngx_pnalloc(r->pool, 2 * (base->len + 2 * NGX_INT_T_LEN)
+                             + ctx->refs.len);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
     n = 0;
+    last = ctx->refs.data + ctx->refs.len;
 
-    for (i = 0; i < 2; i++) {
-        if (l[i]->limit == NGX_CONF_UNSET) {
-            continue;
-        }
+    /* ";ref;ref": each ref after its ';' */
 
-        start = p;
+    for (ref = ctx->refs.data + 1; ref < last; ref = end + 1) {
+        end = ngx_strlchr(ref, last, ';');
+        end = end ? end : last;
+
+        visitor = (*ref == 'v');
+        l = visitor ? &lcf->visitor_limit : &lcf->budget;
+
+        args[0].data = p;
         p = ngx_cpymem(p, base->data, base->len);
-        p = ngx_http_credits_ref(p, i ? 'b' : 'v', ':', l[i], lcf,
-                                 ctx->ends[i] - l[i]->period);
 
-        if (i == 0) {
-            *p++ = ':';
-            p = ngx_cpymem(p, ctx->visitor.data, ctx->visitor.len);
+        for ( /* void */ ; ref < end; ref++) {
+            *p++ = (*ref == ',') ? ':' : *ref;
         }
 
-        args[0].data = start;
-        args[0].len = p - start;
+        args[0].len = p - args[0].data;
 
         args[1].data = p;
-        p = ngx_http_credits_write_int(p, l[i]->limit);
+        p = ngx_http_credits_write_int(p, l->limit);
         args[1].len = p - args[1].data;
 
         args[2].data = p;
-        p = ngx_http_credits_write_int(p, (ngx_int_t) ctx->ends[i] * 1000
-                                          + 60000);
+        p = ngx_http_credits_write_int(p,
+                              (ngx_int_t) ctx->ends[visitor ? 0 : 1] * 1000
+                              + 60000);
         args[2].len = p - args[2].data;
 
-        if (i == 0) {
+        if (visitor) {
             ngx_str_null(&args[3]);
 
         } else {
-            args[3] = *ngx_http_credits_limit_name(l[i], lcf);
+            args[3] = *ngx_http_credits_limit_name(l, lcf);
         }
 
         args += 4;
@@ -391,26 +411,22 @@ ngx_http_credits_counter_args(ngx_http_request_t *r,
 }
 
 
-/*
- * A counter "KIND,NAME,PERIOD,START" as a member's ref names it, or
- * "KIND:NAME:PERIOD:START" as its key ends (a name has neither separator)
- */
+/* a counter "KIND,NAME,PERIOD,START", as a member's ref names it */
 
 static u_char *
-ngx_http_credits_ref(u_char *p, u_char kind, u_char sep,
-    ngx_http_credits_limit_t *l, ngx_http_credits_loc_conf_t *lcf,
-    time_t start)
+ngx_http_credits_ref(u_char *p, u_char kind, ngx_http_credits_limit_t *l,
+    ngx_http_credits_loc_conf_t *lcf, time_t start)
 {
     ngx_str_t  *name;
 
     name = ngx_http_credits_limit_name(l, lcf);
 
     *p++ = kind;
-    *p++ = sep;
+    *p++ = ',';
     p = ngx_cpymem(p, name->data, name->len);
-    *p++ = sep;
+    *p++ = ',';
     p = ngx_http_credits_write_int(p, (ngx_int_t) l->period);
-    *p++ = sep;
+    *p++ = ',';
 
     return ngx_http_credits_write_int(p, (ngx_int_t) start);
 }

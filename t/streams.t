@@ -35,6 +35,19 @@ my $ngx = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
             proxy_pass http://%%UPSTREAM%%;
         }
 
+        location /counted {
+            credits on;
+            credits_price 5;
+            credits_route counted;
+            credits_cost_event credits;
+            credits_hold_step 5;
+            credits_visitor $arg_vid;
+            credits_visitor_limit 100 per 1h;
+            credits_budget 1000 per 1h;
+            proxy_buffering off;
+            proxy_pass http://%%UPSTREAM%%;
+        }
+
         location /fixed {
             credits on;
             credits_price 10;
@@ -109,6 +122,20 @@ is_deeply [ @$e{qw(route held charged outcome)} ], [ 'chat', 23, 23, 'commit' ],
     'held grew 5, 10, 15, 23; charged the last cost 23';
 is $redis->cmd('GET', 'credits:{sse}:balance'), 77, 'balance 100 - 23';
 books_close('grown stream');
+
+# -- a growing stream in window counters: each growth counted in both ---------
+
+$r = $ngx->get('/counted?sse=20&costs=3,8,14,23&vid=v1', %auth);
+is messages($r->{body}), 20, 'counted stream: every message event';
+$e = entry_of($r->{headers}{'x-hold'});
+is_deeply [ @$e{qw(held charged outcome)} ], [ 23, 23, 'commit' ],
+    'counted stream: held grew to 23, charged 23';
+for my $kind ('v', 'b') {
+    my @keys = @{ $redis->cmd('KEYS', "credits:{sse}:$kind:counted:*") };
+    is scalar(@keys), 1, "counted stream: one $kind counter";
+    is $redis->cmd('GET', $keys[0]), 23, "... it counts the grown hold, 23";
+}
+books_close('counted stream');
 
 # -- the balance runs out: credits_exhausted, upstream closed -------------------
 
