@@ -36,6 +36,15 @@ my $http = <<'END';
             credits_route ai;
             proxy_pass http://%%UPSTREAM%%;
         }
+        location /embed {
+            credits on;
+            credits_price 2;
+            credits_route embed;
+            credits_visitor $arg_vid;
+            credits_visitor_limit 6 per 1h;
+            credits_budget 10 per 1h;
+            proxy_pass http://%%UPSTREAM%%;
+        }
     }
 END
 my %vars = (DIR => $dir, SEED1 => $replica->port, SEED2 => $masters[0]);
@@ -70,6 +79,30 @@ for my $port (sort keys %$per) {
     is commits($p), 10, "project $p: 10 commits in its ledger";
     my ($b, $c, $h) = audit($cluster, $p);
     is $b + $c + $h, 50, "project $p: the books add up";
+}
+
+# -- visitor limits and budgets on every master: the counters the hold
+# is sent live in the project's slot, on its master --------------------
+
+my $embed = $cluster->projects_per_master('e');
+
+for my $port (sort keys %$embed) {
+    my $p = $embed->{$port};
+    $cluster->cmd('SET', "credits:{$p}:balance", 50);
+    my @st = map { $ngx->get("/embed?vid=$_", Authorization => 'Bearer ' . token($p))->{status} }
+             qw(a a a a b b b);
+    is_deeply \@st, [200, 200, 200, 429, 200, 200, 429],
+        "project $p on master $port: visitor a stops at 6, the budget at 10";
+    ok settled($p), "project $p: settled";
+    is balance($p), 40, "project $p: charged 10";
+    my $node = $cluster->node_by_port($port);
+    my @v = @{ $node->cmd('KEYS', "credits:{$p}:v:embed:*") };
+    is scalar(@v), 2, "project $p: two visitor counters on its master";
+    is_deeply [ sort map { $node->cmd('GET', $_) } @v ], [4, 6], '... at 6 and 4';
+    my ($b) = @{ $node->cmd('KEYS', "credits:{$p}:b:embed:*") };
+    is $node->cmd('GET', $b // ''), 10, '... and the budget at 10';
+    my ($bal, $c, $h) = audit($cluster, $p);
+    is $bal + $c + $h, 50, "project $p: the books add up";
 }
 
 # the map is right from the start: after the first requests, no MOVED
