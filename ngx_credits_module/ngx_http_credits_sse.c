@@ -19,10 +19,9 @@
  * Most events arrive whole, with LF line ends: those are read where they
  * are and given out a run of events at a time (ngx_http_credits_sse_events).
  * Only an event with a line "event: NAME" can be a cost event: events
- * before the next such line are not read at all (a search for NAME
- * finds it),
- * the others a memchr() per line.  The byte-wise reading above takes what
- * is left: an event split between buffers, CRs, overlong events.
+ * before the next such line are not read at all (a search for NAME finds
+ * it), the others a memchr() per line.  The byte-wise reading above takes
+ * what is left: an event split between buffers, CRs, overlong events.
  *
  * No nginx request here: the response filter feeds the bytes, and the
  * fuzzer checks that any split gives the same output and costs.
@@ -266,7 +265,8 @@ static u_char *
 ngx_http_credits_sse_skip(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last)
 {
-    u_char  *name, *line;
+    u_char  *name;
+    size_t   field, before;
 
     for (name = p; /* void */ ; name++) {
         name = ngx_http_credits_sse_find(sse, name, last);
@@ -281,17 +281,18 @@ ngx_http_credits_sse_skip(ngx_http_credits_sse_t *sse, u_char *p,
             continue;
         }
 
-        line = name - (sizeof("event:") - 1);
+        before = name - p;
+        field = sizeof("event:") - 1;
 
-        if (line - 1 >= p && name[-1] == ' ') {
-            line--;
+        if (before > field && name[-1] == ' ') {
+            field++;
         }
 
-        if (line >= p
-            && ngx_memcmp(line, "event:", sizeof("event:") - 1) == 0
-            && (line == p || line[-1] == '\n'))
+        if (before >= field
+            && ngx_memcmp(name - field, "event:", sizeof("event:") - 1) == 0
+            && (before == field || *(name - field - 1) == '\n'))
         {
-            return ngx_http_credits_sse_event_start(p, line);
+            return ngx_http_credits_sse_event_start(p, name - field);
         }
     }
 }
@@ -307,6 +308,11 @@ ngx_http_credits_sse_find(ngx_http_credits_sse_t *sse, u_char *p,
     size_t   n;
 
     n = sse->name.len;
+
+    if ((size_t) (last - p) < n) {
+        return NULL;
+    }
+
     c = sse->name.data[n - 1];
 
     for (s = p + n - 1; s < last; s += sse->shift[*s]) {
@@ -321,8 +327,10 @@ ngx_http_credits_sse_find(ngx_http_credits_sse_t *sse, u_char *p,
 }
 
 
-/* the start of the event that x is in: after the last empty line before
- * it, or p (an event's start) */
+/*
+ * The start of the event that x is in: after the last empty line before
+ * it, or p (an event's start).
+ */
 
 static u_char *
 ngx_http_credits_sse_event_start(u_char *p, u_char *x)

@@ -152,9 +152,10 @@ local replies, debit = {}, 0
 for h = 1, holds do
     local i, n = starts[h], counts[h]
     local price = numbers[ARGV[i + 1]]
+    local counted = n > 0 and price > 0
     local code, limit
 
-    if n > 0 and price > 0 then
+    if counted then
         code, limit = take(i, n, price)
     end
 
@@ -169,7 +170,7 @@ for h = 1, holds do
             code, limit = -1, balance
         end
 
-        if code and n > 0 and price > 0 then
+        if code and counted then
             untake(i, i + 3 + 4 * n, price)
         end
     end
