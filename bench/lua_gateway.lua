@@ -184,7 +184,7 @@ function _M.hold()
         return ngx.exit(402)
     end
 
-    ngx.ctx.hold = { keys = keys, member = member }
+    ngx.ctx.hold = { keys = keys, member = member, id = ngx.var.request_id }
     ngx.header['X-Credits-Held'] = conf.price
     ngx.header['X-Credits-Balance'] = reply[2]
 end
@@ -206,7 +206,8 @@ function _M.settle()
     local commit = status > 0 and status < 400
     ngx.timer.at(0, settle, h.keys,
                  { h.member, commit and conf.price or 0, status,
-                   commit and 'commit' or 'release' })
+                   commit and 'commit' or 'release',
+                   h.id, conf.price, conf.route })
 end
 
 return _M

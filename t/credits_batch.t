@@ -71,11 +71,13 @@ sub script_calls {
         my @a = /"((?:[^"\\]|\\.)*)"/g;
         my (undef, undef, $numkeys, @rest) = @a;
         my @keys = splice @rest, 0, $numkeys;
-        # four arguments per item: a settle's fourth is its outcome, a
-        # hold's the limits of its window counters
+        # a settle's fourth argument is its outcome, and it has seven a
+        # hold; a hold's fourth is its number of window counters (none
+        # here: four arguments)
         my $settle = @rest >= 4 && $rest[3] =~ /^(commit|release)$/;
         push @calls, { projects => [ map { /\{([^}]*)\}/ ? $1 : '' } @keys ],
-                       items => @rest / 4, kind => $settle ? 'settle' : 'hold' };
+                       items => @rest / ($settle ? 7 : 4),
+                       kind => $settle ? 'settle' : 'hold' };
     }
     return \@calls;
 }

@@ -41,8 +41,9 @@ sub traffic {
         my $m = "r$req:5:gen";
         $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, $m, 5, 600000, '');
         next if $req % 97 == 0;                     # left open
-        $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, $m, $req % 6,
-                    $req % 11 ? 200 : 502, $req % 11 ? 'commit' : 'release');
+        $redis->cmd('EVALSHA', $sha{settle}, 3, @keys,
+                    settle_args($m, $req % 6, $req % 11 ? 200 : 502,
+                                $req % 11 ? 'commit' : 'release'));
         system("$bin --redis $addr topup $p 50 >/dev/null") if $req % 500 == 0;
     }
 }

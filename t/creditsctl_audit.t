@@ -108,8 +108,8 @@ my $results = parallel(3, sub {
             my $m = "w$n:4:gen";
             $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, $m, 4,
                         $n % 7 ? 60000 : 1, '');
-            $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, $m, $n % 5, 200,
-                        'commit') if $n % 3;
+            $redis->cmd('EVALSHA', $sha{settle}, 3, @keys,
+                        settle_args($m, $n % 5, 200, 'commit')) if $n % 3;
             system("$bin --redis $addr topup $p 10 >/dev/null") if $n % 40 == 0;
         }
         return $n;

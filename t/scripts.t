@@ -28,7 +28,14 @@ sub hold {
     push @args, splice(@a, 0, 3), '' while @a;
     $redis->cmd('EVALSHA', $sha{hold}, 3, @keys, @args);
 }
-sub settle { $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, @_) }
+# settles, four arguments each as the module has them (settle_args() adds
+# the member's parts)
+sub settle {
+    my @a = @_;
+    my @args;
+    push @args, settle_args(splice @a, 0, 4) while @a;
+    $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, @args);
+}
 sub entry {
     my ($id) = @_;
     my ($e) = grep { $_->{request_id} eq $id } @{ ledger($redis, $p) };
@@ -100,6 +107,24 @@ books_balance('after settles');
 
 is_deeply settle('equal:5:gen', '5', 200, 'commit'), [0], 'settle: twice changes nothing';
 books_balance('after a second settle');
+
+# the member's id, held and route come ready-made (nginx splits the
+# member it wrote): a held that is not a whole number is an error for
+# that settle alone, written nowhere; the hold stays for its settle
+hold('parts:3:gen', 3, 60000);
+my $parts = $redis->cmd('EVALSHA', $sha{settle}, 3, @keys,
+                        'parts:3:gen', 3, 200, 'commit', 'parts', '3x', 'gen',
+                        settle_args('less:5:gen', 5, 200, 'commit'));
+like "$parts->[0]", qr/held "3x" is not a whole number/,
+    'settle: a held that is not a whole number is an error';
+is $parts->[1], 0, '... the batch goes on';
+ok defined $redis->cmd('ZSCORE', $keys[1], 'parts:3:gen'), '... the hold stays';
+ok !entry('parts'), '... with no ledger entry';
+is_deeply settle('parts:3:gen', 3, 200, 'commit'), [1], '... and is settled with its parts';
+like '' . $redis->cmd('EVALSHA', $sha{settle}, 3, @keys, 'a:1:g', 1, 200, 'commit'),
+    qr/not member, charged, status, outcome, id, held, route/,
+    'settle: four arguments a hold are an error';
+books_balance('after settles with their parts');
 
 # expiry: a hold whose time is up is refunded by the next script call
 hold('late:4:gen', 4, 1);

@@ -18,7 +18,7 @@ use Scalar::Util ();
 
 our @EXPORT = qw(free_port http_request b64url jwt_hs jwt_pem jwt_raw
     gen_rsa_key gen_ec_key json_encode parallel slurp write_file wait_for
-    test_dir ledger audit);
+    test_dir ledger audit settle_args);
 
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
@@ -296,6 +296,16 @@ sub ledger {
     my ($redis, $project) = @_;
     my $entries = $redis->cmd('XRANGE', "credits:{$project}:ledger", '-', '+');
     return [ map { { id => $_->[0], @{ $_->[1] } } } @$entries ];
+}
+
+# the settle script's arguments for one hold, as nginx sends them: the
+# member "<id><refs>:<held>:<route>", charged, status, outcome, then the
+# member's id, held and route
+sub settle_args {
+    my ($member, $charged, $status, $outcome) = @_;
+    my ($id, $held, $route) = $member =~ /^([^:;]*)[^:]*:([^:]*):(.*)$/s
+        or die "settle_args: member '$member' is not <id>:<held>:<route>\n";
+    return ($member, $charged, $status, $outcome, $id, $held, $route);
 }
 
 # the contract's invariant: returns (balance, charged, held) sums
