@@ -7,7 +7,7 @@
 
 FUZZ_DIR     := $(BUILD)/fuzz
 FUZZ_NGX     := $(FUZZ_DIR)/nginx-src
-FUZZ_TARGETS := jwt claims amount reply sse
+FUZZ_TARGETS := jwt claims amount reply sse visitor
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/fuzz_%)
 FUZZ_SECONDS ?= 60
 FUZZ_CFLAGS  := -g -O1 -fno-omit-frame-pointer -Wno-error \

@@ -338,6 +338,10 @@ ngx_int_t ngx_http_credits_parse_amount(u_char *p, size_t len);
 u_char *ngx_http_credits_write_int(u_char *p, ngx_int_t n);
 uint32_t ngx_http_credits_hash(u_char *data, size_t len);
 
+/* the visitors' keyed hash */
+void ngx_http_credits_siphash(const u_char *key, ngx_str_t *parts,
+    ngx_uint_t n, u_char *out);
+
 /* jwt */
 char *ngx_http_credits_jwt_load_key(ngx_conf_t *cf,
     ngx_http_credits_jwt_conf_t *jcf, ngx_str_t *file);

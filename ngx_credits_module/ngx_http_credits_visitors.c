@@ -14,9 +14,10 @@
  * commit above the cost) gives them back to the counters too.
  *
  * A visitor value never reaches a key as it is: it is hashed with a key
- * of this deployment, SHA-256(k || project || NUL || value), k being the
- * SHA-256 of a label and the location's JWT key file, and the first 16
- * bytes of that, in hex, name the visitor.  Hashes of one visitor in two
+ * of this deployment, SipHash-2-4-128 keyed by k of project || NUL ||
+ * value, k being the first 16 bytes of the SHA-256 of a label and the
+ * location's JWT key file, and the hash, in hex, names the visitor.
+ * Hashes of one visitor in two
  * projects differ; without the JWT key nobody can tell which address or
  * cookie a hash stands for (with a public key file, whoever holds that
  * file can: see docs/deployment.md).
@@ -432,79 +433,71 @@ ngx_http_credits_ref(u_char *p, u_char kind, ngx_http_credits_limit_t *l,
 }
 
 
-/* the visitor's id: hex of the keyed hash, whatever bytes the value has */
+/*
+ * The visitor's id: hex of the keyed hash (SipHash-2-4-128, keyed by the
+ * first 16 bytes of the location's visitor key) of the project and the
+ * value, whatever bytes the value has
+ */
 
 static ngx_int_t
 ngx_http_credits_visitor_id(ngx_http_request_t *r,
     ngx_http_credits_ctx_t *ctx, ngx_http_credits_loc_conf_t *lcf, u_char *id)
 {
-    u_char     digest[NGX_HTTP_CREDITS_DIGEST_LEN];
-    ngx_str_t  parts[4];
+    u_char     hash[NGX_HTTP_CREDITS_VISITOR_LEN];
+    ngx_str_t  parts[3];
 
     if (lcf->visitor_key == NULL) {
         return NGX_ERROR;
     }
 
-    parts[0].data = lcf->visitor_key;
-    parts[0].len = NGX_HTTP_CREDITS_DIGEST_LEN;
-    parts[1] = ctx->project;
-    parts[2].data = (u_char *) "";
-    parts[2].len = 1;
+    parts[0] = ctx->project;
+    parts[1].data = (u_char *) "";
+    parts[1].len = 1;
 
-    if (ngx_http_complex_value(r, lcf->visitor, &parts[3]) != NGX_OK
-        || ngx_http_credits_sha256(parts, 4, digest) != NGX_OK)
-    {
+    if (ngx_http_complex_value(r, lcf->visitor, &parts[2]) != NGX_OK) {
         return NGX_ERROR;
     }
 
-    ngx_hex_dump(id, digest, NGX_HTTP_CREDITS_VISITOR_LEN);
+    ngx_http_credits_siphash(lcf->visitor_key, parts, 3, hash);
+    ngx_hex_dump(id, hash, NGX_HTTP_CREDITS_VISITOR_LEN);
 
     return NGX_OK;
 }
 
 
 /*
- * The SHA-256 of the parts, one after the other.  OpenSSL 3 looks the
- * digest up on every EVP_sha256() call and EVP_Digest() allocates a
- * context per call: the worker keeps one of each.
+ * The SHA-256 of the parts, one after the other: the visitor key, once
+ * per location at configuration time.
  */
 
 static ngx_int_t
 ngx_http_credits_sha256(ngx_str_t *parts, ngx_uint_t n, u_char *digest)
 {
-    unsigned int         len;
-    ngx_uint_t           i;
-    static EVP_MD       *sha256;
-    static EVP_MD_CTX   *ctx;
+    ngx_int_t    rc;
+    ngx_uint_t   i;
+    EVP_MD_CTX  *ctx;
 
+    ctx = EVP_MD_CTX_new();
     if (ctx == NULL) {
-        sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
-        ctx = EVP_MD_CTX_new();
-
-        if (sha256 == NULL || ctx == NULL) {
-            EVP_MD_free(sha256);
-            EVP_MD_CTX_free(ctx);
-            sha256 = NULL;
-            ctx = NULL;
-            return NGX_ERROR;
-        }
-    }
-
-    if (EVP_DigestInit_ex2(ctx, sha256, NULL) != 1) {
         return NGX_ERROR;
     }
 
-    for (i = 0; i < n; i++) {
+    rc = (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1) ? NGX_OK
+                                                          : NGX_ERROR;
+
+    for (i = 0; rc == NGX_OK && i < n; i++) {
         if (EVP_DigestUpdate(ctx, parts[i].data, parts[i].len) != 1) {
-            return NGX_ERROR;
+            rc = NGX_ERROR;
         }
     }
 
-    if (EVP_DigestFinal_ex(ctx, digest, &len) != 1) {
-        return NGX_ERROR;
+    if (rc == NGX_OK && EVP_DigestFinal_ex(ctx, digest, NULL) != 1) {
+        rc = NGX_ERROR;
     }
 
-    return NGX_OK;
+    EVP_MD_CTX_free(ctx);
+
+    return rc;
 }
 
 

@@ -10,6 +10,7 @@ use warnings;
 use Test::More;
 use Time::HiRes qw(time sleep);
 use IO::Socket::INET;
+use Digest::SHA ();
 use lib 't/lib';
 use CreditsTest;
 
@@ -161,6 +162,14 @@ my ($key) = keys %$v;
 like $key, qr/^credits:\{site-a\}:v:embed:3600:\d+:[0-9a-f]{32}$/,
     '... named credits:{P}:v:NAME:PERIOD:START:HASH';
 unlike $key, qr/alice/, '... without the visitor value';
+
+# the hash: SipHash-2-4-128 of "project NUL value", keyed by the first 16
+# bytes of SHA-256(label, JWT key); OpenSSL's SipHash is the reference
+my $k = unpack 'H32', Digest::SHA::sha256("ngx_http_credits_module visitor id$secret");
+write_file('visitor.in', "site-a\0alice");
+my $want = lc `openssl mac -macopt hexkey:$k -macopt size:16 -in $dir/visitor.in SIPHASH`;
+chomp $want;
+like $key, qr/:\Q$want\E$/, "... the hash is SipHash-2-4-128 keyed from the JWT key ($want)";
 
 my $r = visit('/embed/chat', $t, 'alice');
 is $r->{status}, 429, 'over the limit: 429';
