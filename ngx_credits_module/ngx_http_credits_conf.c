@@ -273,6 +273,38 @@ ngx_http_credits_step_slot(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* credits_cost_event NAME: a name an "event:" line can carry */
+
+char *
+ngx_http_credits_cost_event_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_credits_loc_conf_t *lcf = conf;
+
+    ngx_str_t  *value;
+
+    if (lcf->cost_event.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0
+        || ngx_strlchr(value[1].data, value[1].data + value[1].len, '\r')
+        || ngx_strlchr(value[1].data, value[1].data + value[1].len, '\n'))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid credits_cost_event \"%V\": an event "
+                           "name without line ends is expected", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    lcf->cost_event = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
 char *
 ngx_http_credits_key_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {

@@ -54,7 +54,7 @@ static ngx_command_t  ngx_http_credits_commands[] = {
 
     { ngx_string("credits_cost_event"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_str_slot,
+      ngx_http_credits_cost_event_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_credits_loc_conf_t, cost_event),
       NULL },

@@ -215,6 +215,7 @@ struct ngx_http_credits_batch_item_s {
 /* the cost events of a text/event-stream response (ngx_http_credits_sse.c) */
 typedef struct {
     ngx_str_t                   name;         /* credits_cost_event */
+    ngx_pool_t                 *pool;
     u_char                     *event;        /* the event being read */
     size_t                      len;
     size_t                      line;         /* where its last line starts */
@@ -224,7 +225,6 @@ typedef struct {
     ngx_int_t                   cost;         /* the last cost reported */
     ngx_uint_t                  costs;        /* cost events read */
     ngx_uint_t                  bad;          /* ... without a usable cost */
-    u_char                      shift[256];   /* to find the name */
     unsigned                    ended:2;      /* a CR ended an event: kept? */
     unsigned                    cr:1;
     unsigned                    empty:1;      /* at the start of a line */
@@ -300,6 +300,8 @@ char *ngx_http_credits_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_credits_price_slot(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_credits_step_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_credits_cost_event_slot(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_credits_key_file(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -462,8 +464,8 @@ ngx_array_t *ngx_http_credits_prices_parse(redisReply *reply,
     ngx_pool_t *pool);
 
 /* cost events of a stream */
-ngx_int_t ngx_http_credits_sse_init(ngx_http_credits_sse_t *sse,
-    ngx_str_t *name, ngx_pool_t *pool);
+void ngx_http_credits_sse_init(ngx_http_credits_sse_t *sse, ngx_str_t *name,
+    ngx_pool_t *pool);
 u_char *ngx_http_credits_sse_parse(ngx_http_credits_sse_t *sse, u_char *p,
     u_char *last, u_char *out, ngx_uint_t last_buf);
 

@@ -73,11 +73,7 @@ ngx_http_credits_stream_start(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    if (ngx_http_credits_sse_init(ctx->sse, &ctx->lcf->cost_event, r->pool)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
+    ngx_http_credits_sse_init(ctx->sse, &ctx->lcf->cost_event, r->pool);
 
     ngx_http_clear_content_length(r);
     ngx_http_clear_accept_ranges(r);
@@ -184,6 +180,10 @@ ngx_http_credits_stream_parse(ngx_http_request_t *r,
 
         b->last = ngx_http_credits_sse_parse(ctx->sse, buf->pos, buf->last,
                                              b->last, buf->last_buf);
+        if (b->last == NULL) {
+            return NGX_ERROR;
+        }
+
         buf->pos = buf->last;
 
         b->flush |= buf->flush;

@@ -250,4 +250,29 @@ is $e->{charged}, 10, 'without credits_cost_event: charged the price';
 
 books_close('after every stream');
 
+# -- nginx -t refuses what cannot work -----------------------------------------
+
+for my $c (['credits_cost_event "";', 'invalid credits_cost_event ""'],
+           [qq{credits_cost_event "a\nb";}, 'invalid credits_cost_event'],
+           ['credits_cost_event a; credits_cost_event b;', 'is duplicate'],
+           ['credits_hold_step 0;', 'invalid credits_hold_step "0"'],
+           ['credits_hold_step 1.5;', 'invalid credits_hold_step "1.5"']) {
+    my ($directive, $error) = @$c;
+    my $n = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
+                                    vars => { DIR => $dir }, http => <<"END");
+    credits_redis %%REDIS%%;
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%%;
+        location /x {
+            credits on;
+            $directive
+        }
+    }
+END
+    my ($rc, $out) = $n->test;
+    ok $rc, "nginx -t rejects '$directive'";
+    like $out, qr/\Q$error\E/, "... saying $error";
+}
+
 done_testing;
