@@ -102,8 +102,9 @@ bench: module
 profile: module
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/profile
 
-# fails when the module adds 10 % more instructions per request than
-# bench/guard.figure (callgrind, a few seconds; run by .ci/run)
+# fails when the module adds 10 % more instructions per request than a
+# figure of bench/guard.figure: HS256, limits, SSE (callgrind, a few
+# seconds each; run by .ci/run)
 guard: module
 	CREDITS_MODULE=$(CURDIR)/$(MODULE_SO) NGINX_BIN=$(NGINX_BIN) bench/guard
 

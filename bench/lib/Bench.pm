@@ -2,7 +2,8 @@ package Bench;
 
 # What make bench, make profile and bench/guard share: the variants that
 # differ only by the tokens they send (their keys, tokens, funded projects
-# and wrk scripts), and one gateway counted by callgrind.
+# and wrk scripts), the variants counted by callgrind and one gateway
+# under it.
 
 use strict;
 use warnings;
@@ -150,6 +151,60 @@ END
     my ($dump) = grep { -s } "$out.1";
     die "callgrind: $o{name}: no dump\n" unless $dump && $requests;
     return ($dump, $requests, $calls);
+}
+
+# The variants counted under callgrind (make profile, bench/guard): the
+# token variants, a streamed answer of 50 events (5 of them cost events)
+# through plain proxy and through the module's stream filter, and HS256
+# with a visitor limit and a budget that never refuse (the visitor: the
+# client's port).  "base": what a variant's added instructions are counted
+# against (plain proxy when none).
+sub callgrind_variants {
+    my ($dir) = @_;
+    my $v = token_variants($dir);
+    my $hs = $v->{HS256}{tokens};
+    $v->{'SSE-proxy'} = { conf => 'proxy_buffering off;', tokens => $hs,
+                          path => '/ai/sse' };
+    $v->{SSE} = { conf => 'proxy_buffering off; credits on; credits_price 50;
+                           credits_cost_event credits;',
+                  tokens => $hs, path => '/ai/sse', base => 'SSE-proxy' };
+    $v->{limits} = { conf => 'credits on; credits_visitor $remote_port;
+                              credits_visitor_limit 100000000000000 per 1d;
+                              credits_budget 100000000000000 per 1d;',
+                     tokens => $hs, base => 'HS256' };
+    return $v;
+}
+
+# the stand-in upstream of the callgrind runs, started
+sub callgrind_upstream {
+    my $sse_location = sse_location();
+    my $up = CreditsTest::Nginx->new(http => <<"END");
+    access_log off;
+    server {
+        listen 127.0.0.1:%%PORT%%;
+        keepalive_requests 1000000;
+        location / { return 200 '{"ok":true}'; }
+        $sse_location
+    }
+END
+    $up->start;
+    return $up;
+}
+
+# one variant of callgrind_variants() under callgrind: { dump, requests,
+# calls (script calls), ir (instructions per request) }
+sub callgrind_variant {
+    my (%o) = @_;
+    my $v = $o{variant};
+    my ($dump, $requests, $calls) = callgrind_gateway(
+        name => $o{name}, dir => $o{dir}, redis => $o{redis},
+        upstream => $o{upstream}, conf => $v->{conf},
+        tokens => scalar @{ $v->{tokens} },
+        script => wrk_script($o{dir}, $o{name}, $v->{path} // '/ai',
+                             @{ $v->{tokens} }),
+        path => $v->{path}, seconds => $o{seconds});
+    return { dump => $dump, requests => $requests, calls => $calls,
+             ir => per_request($dump, $requests) };
 }
 
 # script calls Redis ran so far: how many requests share one (a batch)
