@@ -109,6 +109,8 @@ ngx_http_credits_settle_init(ngx_cycle_t *cycle, ngx_msec_t timeout)
 void
 ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
 {
+    ngx_int_t  held;
+
     if (!ctx->held || ctx->decided) {
         return;
     }
@@ -124,8 +126,8 @@ ngx_http_credits_decide(ngx_http_credits_ctx_t *ctx)
              * while a growth is unanswered the settle goes to both
              * members, and the script cuts this to the one it finds
              */
-            ctx->charged = ngx_min(ctx->sse->cost,
-                                   ctx->growing ? ctx->grow_to : ctx->amount);
+            held = ctx->growing ? ctx->grow_to : ctx->amount;
+            ctx->charged = ngx_min(ctx->sse->cost, held);
 
         } else if (!ctx->cost_read) {
             ctx->charged = ctx->price;

@@ -123,6 +123,21 @@ is_deeply [ @$e{qw(route held charged outcome)} ], [ 'chat', 23, 23, 'commit' ],
 is $redis->cmd('GET', 'credits:{sse}:balance'), 77, 'balance 100 - 23';
 books_close('grown stream');
 
+# -- a grown hold is charged the last cost when it is less --------------------
+# (the hold grows to 10 at cost 8; a settle once charged the whole 10)
+
+for my $c (['3,8', 8], ['3,8,6', 6]) {
+    my ($costs, $want) = @$c;
+    my $before = $redis->cmd('GET', 'credits:{sse}:balance');
+    $r = $ngx->get("/chat?sse=12&costs=$costs", %auth);
+    $e = entry_of($r->{headers}{'x-hold'});
+    is_deeply [ @$e{qw(held charged)} ], [ 10, $want ],
+        "costs $costs: held grew to 10, charged the last cost $want";
+    is $redis->cmd('GET', 'credits:{sse}:balance'), $before - $want,
+        "costs $costs: the balance pays $want";
+}
+books_close('grown streams charged less than held');
+
 # -- a growing stream in window counters: each growth counted in both ---------
 
 $r = $ngx->get('/counted?sse=20&costs=3,8,14,23&vid=v1', %auth);
@@ -136,6 +151,17 @@ for my $kind ('v', 'b') {
     is $redis->cmd('GET', $keys[0]), 23, "... it counts the grown hold, 23";
 }
 books_close('counted stream');
+
+$r = $ngx->get('/counted?sse=12&costs=3,8&vid=v2', %auth);
+$e = entry_of($r->{headers}{'x-hold'});
+is_deeply [ @$e{qw(held charged)} ], [ 10, 8 ],
+    'counted stream, costs 3,8: held grew to 10, charged 8';
+my ($v2) = grep { $redis->cmd('GET', $_) == 8 }
+           @{ $redis->cmd('KEYS', 'credits:{sse}:v:counted:*') };
+ok $v2, "... the new visitor's counter keeps 8, the 2 not charged given back";
+is $redis->cmd('GET', (@{ $redis->cmd('KEYS', 'credits:{sse}:b:counted:*') })[0]),
+    31, '... the budget counts 23 + 8';
+books_close('counted stream charged less than held');
 
 # -- the balance runs out: credits_exhausted, upstream closed -------------------
 
