@@ -121,7 +121,8 @@ char *
 ngx_http_credits_merge_limits(ngx_conf_t *cf,
     ngx_http_credits_loc_conf_t *prev, ngx_http_credits_loc_conf_t *conf)
 {
-    ngx_str_t  parts[2];
+    ngx_str_t                 parts[2], *route;
+    ngx_http_core_loc_conf_t  *clcf;
 
     if (conf->visitor == NULL) {
         conf->visitor = prev->visitor;
@@ -139,11 +140,18 @@ ngx_http_credits_merge_limits(ngx_conf_t *cf,
         return NGX_CONF_OK;
     }
 
-    if (ngx_http_credits_counter_name(cf, &conf->budget, &conf->route,
+    /*
+     * A server's own configuration has no route to name counters by: its
+     * locations name their own, and a request that matches none is
+     * refused (ngx_http_credits_counters())
+     */
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    route = (clcf->name.len || conf->route.len) ? &conf->route : NULL;
+
+    if (ngx_http_credits_counter_name(cf, &conf->budget, route,
                                       "credits_budget")
         != NGX_OK
-        || ngx_http_credits_counter_name(cf, &conf->visitor_limit,
-                                         &conf->route,
+        || ngx_http_credits_counter_name(cf, &conf->visitor_limit, route,
                                          "credits_visitor_limit")
            != NGX_OK)
     {
@@ -185,6 +193,7 @@ ngx_http_credits_merge_limits(ngx_conf_t *cf,
 /*
  * A counter's name is part of its key and of the hold's member: letters,
  * digits and "._/@~-" only (a route that has others needs "name=").
+ * route: NULL where there is none (a server's own configuration).
  */
 
 static ngx_int_t
@@ -200,6 +209,10 @@ ngx_http_credits_counter_name(ngx_conf_t *cf, ngx_http_credits_limit_t *l,
     }
 
     name = l->name.len ? &l->name : route;
+
+    if (name == NULL) {
+        return NGX_OK;
+    }
 
     for (i = 0; i < name->len; i++) {
         c = name->data[i];
@@ -281,6 +294,15 @@ ngx_http_credits_counters(ngx_http_request_t *r, ngx_http_credits_ctx_t *ctx,
     for (i = 0; i < 2; i++) {
         if (l[i]->limit == NGX_CONF_UNSET) {
             continue;
+        }
+
+        if (ngx_http_credits_limit_name(l[i], lcf)->len == 0) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "credits: the request matches no location, "
+                          "whose route would name the counters of "
+                          "\"%s\": set name=",
+                          i ? "credits_budget" : "credits_visitor_limit");
+            return NGX_ERROR;
         }
 
         start = now - now % l[i]->period;

@@ -431,4 +431,42 @@ END
 ok $rc, 'nginx -t rejects a regex route as a counter name';
 like $out, qr/set name=/, '... asking for name=';
 
+# ---- limits set for a whole server: each location's route names them ----
+
+my $srv = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
+                                  vars => { DIR => $dir }, http => <<'END');
+    credits_redis %%REDIS%%;
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%%;
+        credits on;
+        credits_jwt_token $arg_t;
+        credits_visitor $arg_v;
+        credits_visitor_limit 2 per 1h;
+        credits_budget 3 per 1h;
+        location /srv-a { proxy_pass http://%%UPSTREAM%%; }
+        location /srv-b { proxy_pass http://%%UPSTREAM%%; }
+    }
+END
+($rc, $out) = $srv->test;
+is $rc, 0, 'nginx -t: credits_visitor_limit and credits_budget at server '
+           . 'level, named by each location' or diag $out;
+$srv->start;
+my $t5 = project('site-s', 100);
+my @got = map { $srv->get("/srv-a?t=$t5&v=$_")->{status} } qw(x x x);
+is "@got", '200 200 429', 'server-level limit: the visitor stops at 2 in /srv-a';
+@got = map { $srv->get("/srv-b?t=$t5&v=y$_")->{status} } 1 .. 4;
+is "@got", '200 200 200 429', '... /srv-b has counters of its own: its budget stops at 3';
+ok scalar(grep { m{:b:/srv-a:} } keys %{ counters('site-s', 'b') }),
+    '... the budget of /srv-a counted under its route';
+my $log = length $srv->error_log;
+is $srv->get("/elsewhere?t=$t5&v=z")->{status}, 500,
+    'a request that matches no location: refused, no counter can be named';
+like substr($srv->error_log, $log), qr/matches no location.*set name=/,
+    '... saying why';
+ok wait_for(sub { $redis->cmd('GET', 'credits:{site-s}:balance') == 100 - 5
+                  && $redis->cmd('ZCARD', 'credits:{site-s}:holds') == 0 }, 5),
+    '... and charged nothing: the 5 requests that passed paid 1 each';
+$srv->stop;
+
 done_testing;
