@@ -19,6 +19,9 @@ my $up = CreditsTest::Upstream->start;
 my @LEVELS = qw(http server location nested);
 my %ORDER = (http => 0, server => 1, location => 2, nested => 3);
 
+# the price set at a level: a different one at each
+sub price_at { 3 + $ORDER{ $_[0] } }
+
 # where a setting is read: method, path, query, and whose location it is
 my %READ = (
     'location'                  => ['GET',  '/r',   'if=',  '/r'],
@@ -44,7 +47,11 @@ my $PREFIX = 'mx:';
 # name, the levels it may be set at (http_only: set at http in every
 # configuration), its value at a level, and its checks: run at every place
 # beneath the level with the value in force there (undef: not set), in the
-# phase named (main; prices: runtime price overrides; down: Redis stopped).
+# phase named (main; prices: runtime price overrides; budgets: runtime
+# budgets; down: Redis stopped).  A row may rely on another set at the same
+# level (every row is set at every level it allows): credits_hold_step on
+# credits_cost_event, credits_visitor and credits_visitor_limit on each
+# other.
 
 my @TABLE = (
     { name => 'credits', at => [@LEVELS], value => sub { 'on' },
@@ -54,8 +61,7 @@ my @TABLE = (
               where($i, $rp, 'credits on: no token is 401');
       } },
 
-    { name => 'credits_price', at => [@LEVELS],
-      value => sub { 3 + $ORDER{$_[0]} },
+    { name => 'credits_price', at => [@LEVELS], value => \&price_at,
       main => sub {
           my ($i, $rp, $v) = @_;
           my ($r, $e) = charge($i, $rp);
@@ -93,6 +99,36 @@ my @TABLE = (
               where($i, $rp, 'credits_cost_header: ledger charged');
           ok !exists $r->{headers}{'x-cost'},
               where($i, $rp, 'credits_cost_header: header removed');
+      } },
+
+    # costs below every level's price: charged the last cost, not the price
+    { name => 'credits_cost_event', at => [@LEVELS],
+      value => sub { 'credits' },
+      main => sub {
+          my ($i, $rp) = @_;
+          my ($r, $e) = charge($i, $rp, query => 'sse=4&costs=1,2');
+          is messages($r->{body}), 4,
+              where($i, $rp, 'credits_cost_event: every message event');
+          unlike $r->{body}, qr/^event: credits/m,
+              where($i, $rp, 'credits_cost_event: cost events taken out');
+          is $e->{charged}, 2,
+              where($i, $rp, 'credits_cost_event: ledger charged the last '
+                             . 'cost');
+      } },
+
+    # a last cost just above the price: the hold grows by the step, not
+    # by the cost, and the charge is the cost, not the grown hold
+    { name => 'credits_hold_step', at => [@LEVELS], value => sub { 5 },
+      main => sub {
+          my ($i, $rp, $v) = @_;
+          my $price = $i->{v}{credits_price};
+          my ($r, $e) = charge($i, $rp,
+                               query => 'sse=4&costs=1,' . ($price + 1));
+          is $e->{held}, $price + $v,
+              where($i, $rp, "credits_hold_step $v: the hold grew from "
+                             . "$price by $v");
+          is $e->{charged}, $price + 1,
+              where($i, $rp, "credits_hold_step $v: charged the last cost");
       } },
 
     { name => 'credits_hold_ttl', at => [@LEVELS],
@@ -192,6 +228,61 @@ my @TABLE = (
                              . 'evicted it');
       } },
 
+    # the visitor is ?vid=, or the request itself (the map in conf_text)
+    { name => 'credits_visitor', at => [@LEVELS], value => sub { '$vis' },
+      main => sub {
+          my ($i, $rp) = @_;
+          my $vid = vid($i, $rp, 'visitor');
+          my ($n, $r) = spend($i, $rp, $vid);
+          is $r->{status}, 429,
+              where($i, $rp, "credits_visitor: $vid limited after $n");
+          is send_req($i, $rp, query => "vid=$vid-2")->{status}, 200,
+              where($i, $rp, 'credits_visitor: another visitor passes');
+          is_deeply [ grep { /\Q$vid\E/ }
+                      @{ $redis->cmd('KEYS', key($i, '*')) } ], [],
+              where($i, $rp, 'credits_visitor: the value is in no key');
+      } },
+
+    # above every runtime price override (20 to 23), so that the other
+    # rows' requests pass in the prices phase: 8 requests at the price
+    { name => 'credits_visitor_limit', at => [@LEVELS],
+      value => sub { 8 * price_at($_[0]) . ' per 1h' },
+      main => sub {
+          my ($i, $rp, $v) = @_;
+          my ($limit) = $v =~ /^(\d+)/;
+          my ($n, $r) = spend($i, $rp, vid($i, $rp, 'limit'));
+          is $n, $limit / $i->{v}{credits_price},
+              where($i, $rp, "credits_visitor_limit $v: passes");
+          is $r->{status}, 429,
+              where($i, $rp, "credits_visitor_limit $v: then 429");
+          like $r->{body}, qr/^\{"error":"visitor_limit_reached",
+                              "limit":$limit,"retry_after":\d+\}$/x,
+              where($i, $rp, "credits_visitor_limit $v: the answer");
+          like $r->{headers}{'retry-after'} // '', qr/^\d+$/,
+              where($i, $rp, "credits_visitor_limit $v: Retry-After");
+      } },
+
+    # too big to be reached: the project's own budget of 0, in the budgets
+    # hash under the counters' name, is what refuses
+    { name => 'credits_budget', at => [@LEVELS],
+      value => sub { '1000000 per 1h' },
+      budgets => sub {
+          my ($i, $rp, $v) = @_;
+          my $name = route($rp, $i->{v}{credits_route});
+          my $r;
+          $redis->cmd('HSET', key($i, 'budgets'), $name, 0);
+          ok wait_for(sub { ($r = send_req($i, $rp))->{status} == 429 }, 3),
+              where($i, $rp, "credits_budget: budgets $name = 0 is 429");
+          like $r->{body}, qr/^\{"error":"budget_exhausted","budget":0,
+                              "retry_after":\d+\}$/x,
+              where($i, $rp, 'credits_budget: the answer');
+          like $r->{headers}{'retry-after'} // '', qr/^\d+$/,
+              where($i, $rp, 'credits_budget: Retry-After');
+          $redis->cmd('HDEL', key($i, 'budgets'), $name);
+          ok wait_for(sub { send_req($i, $rp)->{status} == 200 }, 3),
+              where($i, $rp, "credits_budget: $name deleted, passes");
+      } },
+
     { name => 'credits_redis', http_only => 1, value => sub { $redis->addr },
       main => sub {
           my ($i, $rp) = @_;
@@ -223,7 +314,10 @@ sub conf_text {
         return join '', map { (' ' x $indent) . "$_;\n" }
                             @{ $at{$level} || [] };
     };
+    # who the visitor is: ?vid=, or else each request its own
     return $d->('http', 4) . <<"END";
+    map \$arg_vid \$vis { "" \$request_id; default \$arg_vid; }
+
     server {
         listen 127.0.0.1:%%PORT%%;
         add_header X-Id \$request_id always;
@@ -307,6 +401,24 @@ sub charge {
     return ($r, $entry);
 }
 
+sub messages { scalar(() = $_[0] =~ /^event: message$/mg) }
+
+# a visitor's name, its own at each level and place
+sub vid {
+    my ($i, $rp, $what) = @_;
+    (my $vid = "$i->{level}-$rp-$what") =~ tr/ /_/;
+    return $vid;
+}
+
+# requests of one visitor until one is refused: how many passed, and it
+sub spend {
+    my ($i, $rp, $vid) = @_;
+    my ($n, $r) = (0);
+    $n++ while ($r = send_req($i, $rp, query => "vid=$vid"))->{status} == 200
+               && $n < 100;
+    return ($n, $r);
+}
+
 sub rejected {
     my ($i, $rp, $what, $reason, %o) = @_;
     my $log = length $i->{ngx}->error_log;
@@ -382,6 +494,7 @@ for my $i (@INST) {
 }
 phase('prices');
 $redis->cmd('DEL', "${PREFIX}prices");
+phase('budgets');
 
 # ---- every key family with its key file at every level ------------------
 
