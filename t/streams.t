@@ -284,19 +284,7 @@ for my $c (['credits_cost_event "";', 'invalid credits_cost_event ""'],
            ['credits_hold_step 0;', 'invalid credits_hold_step "0"'],
            ['credits_hold_step 1.5;', 'invalid credits_hold_step "1.5"']) {
     my ($directive, $error) = @$c;
-    my $n = CreditsTest::Nginx->new(redis => $redis, upstream => $up,
-                                    vars => { DIR => $dir }, http => <<"END");
-    credits_redis %%REDIS%%;
-    credits_jwt_key_file %%DIR%%/hs.key;
-    server {
-        listen 127.0.0.1:%%PORT%%;
-        location /x {
-            credits on;
-            $directive
-        }
-    }
-END
-    my ($rc, $out) = $n->test;
+    my ($rc, $out) = location_test($redis, $directive);
     ok $rc, "nginx -t rejects '$directive'";
     like $out, qr/\Q$error\E/, "... saying $error";
 }

@@ -18,7 +18,7 @@ use Scalar::Util ();
 
 our @EXPORT = qw(free_port http_request b64url jwt_hs jwt_pem jwt_raw
     gen_rsa_key gen_ec_key json_encode parallel slurp write_file wait_for
-    test_dir ledger audit settle_args);
+    test_dir ledger audit settle_args location_test);
 
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
@@ -306,6 +306,26 @@ sub settle_args {
     my ($id, $held, $route) = $member =~ /^([^:;]*)[^:]*:([^:]*):(.*)$/s
         or die "settle_args: member '$member' is not <id>:<held>:<route>\n";
     return ($member, $charged, $status, $outcome, $id, $held, $route);
+}
+
+# nginx -t of a location with "credits on" and the directives given (the
+# HMAC key: hs.key in the test's directory): its exit code and output
+sub location_test {
+    my ($redis, $directives) = @_;
+    my $n = CreditsTest::Nginx->new(redis => $redis,
+                                    vars => { DIR => test_dir() },
+                                    http => <<"END");
+    credits_redis %%REDIS%%;
+    credits_jwt_key_file %%DIR%%/hs.key;
+    server {
+        listen 127.0.0.1:%%PORT%%;
+        location /x {
+            credits on;
+            $directives
+        }
+    }
+END
+    return $n->test;
 }
 
 # the contract's invariant: returns (balance, charged, held) sums
