@@ -447,7 +447,7 @@ is "@got", '200 200 429', 'server-level limit: the visitor stops at 2 in /srv-a'
 is "@got", '200 200 200 429', '... /srv-b has counters of its own: its budget stops at 3';
 ok scalar(grep { m{:b:/srv-a:} } keys %{ counters('site-s', 'b') }),
     '... the budget of /srv-a counted under its route';
-my $log = length $srv->error_log;
+$log = length $srv->error_log;
 is $srv->get("/elsewhere?t=$t5&v=z")->{status}, 500,
     'a request that matches no location: refused, no counter can be named';
 like substr($srv->error_log, $log), qr/matches no location.*set name=/,

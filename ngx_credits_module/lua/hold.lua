@@ -18,19 +18,15 @@ end
 -- every argument is checked before anything is written: an error raised
 -- half way (DECRBY of a fraction, say) would keep the holds placed so far
 -- without their debit.  A batch's holds mostly share a price, a ttl and
--- limits: each such string is read once per call.
-local numbers = {}
+-- limits: each such string is read once per call, when first looked up
+-- in numbers (string -> its whole number, or false); later lookups are a
+-- table's, not a function call's.
+local numbers = setmetatable({}, { __index = function(numbers, s)
+    local n = whole(s) and tonumber(s)
 
-local function number(s)
-    local n = numbers[s]
-
-    if n == nil then
-        n = whole(s) and tonumber(s)
-        numbers[s] = n
-    end
-
+    numbers[s] = n
     return n
-end
+end })
 
 if #ARGV == 0 then
     return malformed('no holds')
@@ -47,7 +43,7 @@ while i <= last do
                          .. 'counters (key, limit, pxat, budget) per hold')
     end
 
-    if not number(ARGV[i + 1]) or not number(ttl) then
+    if not numbers[ARGV[i + 1]] or not numbers[ttl] then
         return malformed('price or ttl is not a whole number')
     end
 
@@ -56,7 +52,7 @@ while i <= last do
     local n = 0
 
     if counted ~= '0' and counted ~= '' then
-        n = number(counted) or -1
+        n = numbers[counted] or -1
 
         if n < 0 or i + 3 + 4 * n > last then
             return malformed('counters or their limits are not valid')
@@ -65,7 +61,7 @@ while i <= last do
         for j = i + 4, i + 3 + 4 * n, 4 do
             -- a counter is one of the project's keys, never another's
             if string.sub(ARGV[j], 1, #base) ~= base
-               or not number(ARGV[j + 1]) or not number(ARGV[j + 2])
+               or not numbers[ARGV[j + 1]] or not numbers[ARGV[j + 2]]
                or ARGV[j + 3] == nil
             then
                 return malformed('counters or their limits are not valid')
