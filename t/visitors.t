@@ -226,10 +226,19 @@ is visit('/chat/x', $t2, 'w')->{status}, 200, 'the override removed: site-c pass
 # ---- windows roll over ----
 
 $t = project('site-e', 1000);
-sleep 0.05 while time - 2 * int(time / 2) > 0.3;    # early in a window
-my @s = map { visit('/short/x', $t, 'eve')->{status} } 1 .. 4;
+# early in a window, and again with a visitor of its own if a slow moment
+# of the host (a sanitizer build, a loaded CI) spread the five requests
+# over two windows
+my (@s, $eve);
+for my $try (1 .. 3) {
+    sleep 0.05 while time - 2 * int(time / 2) > 0.3;
+    my $window = int(time / 2);
+    $eve = "eve$try";
+    @s = map { visit('/short/x', $t, $eve)->{status} } 1 .. 4;
+    $r = visit('/short/x', $t, $eve);
+    last if int(time / 2) == $window;
+}
 is_deeply \@s, [200, 200, 200, 429], 'short window: 3 pass, then 429';
-$r = visit('/short/x', $t, 'eve');
 $end = (int(time / 2) + 1) * 2;
 cmp_ok abs(time + $r->{headers}{'retry-after'} - $end), '<=', 1,
     'Retry-After within a second of the window end';
@@ -238,7 +247,7 @@ my $pttl = $redis->cmd('PTTL', $vk);
 cmp_ok $pttl, '>', 0, 'the counter expires by itself';
 cmp_ok $pttl, '<=', ($end - time) * 1000 + 60000 + 100, '... a minute after its window';
 sleep $end - time + 0.05;
-@s = map { visit('/short/x', $t, 'eve')->{status} } 1 .. 4;
+@s = map { visit('/short/x', $t, $eve)->{status} } 1 .. 4;
 is_deeply \@s, [200, 200, 200, 429], 'next window: 3 pass again';
 
 # ---- credits go back to both counters ----
