@@ -146,7 +146,8 @@ ok wait_for(sub { (get($ngx, $p0)->{headers}{'x-credits-held'} // 0) == 2 }, 5),
 # each worker reads the prices on a timer of its own: the one that
 # answered above may be the first; all have within 2 s (the race below
 # counts on price 2 everywhere)
-sleep $removed + 2.5 - time if $removed + 2.5 > time;
+my $left = $removed + 2.5 - time;
+sleep $left if $left > 0;
 settled($p0);
 
 # -- two gateways racing on one project: exact ---------------------------
